@@ -1,0 +1,403 @@
+"""Load the official PersonaPlex files into our networks.
+
+The files are the ones of the Hugging Face repo `nvidia/personaplex-7b-v1`:
+
+    model.safetensors                                  the LM (moshi key layout)
+    tokenizer-e351c8d8-checkpoint125.safetensors       Mimi
+    tokenizer_spm_32k_3.model                          sentencepiece, ids 0..3 = EPAD, BOS, EOS, PAD
+    voices.tgz -> voices/*.pt                          voice prompts as replayable LM input embeddings
+
+They come from a local directory or from the hub through huggingface_hub (gated: accept the licence
+and set HF_TOKEN). The translation between the official key layout and our modules lives in
+`lm_checkpoint.py` and `mimi_checkpoint.py`; this module does the file work and the checks.
+`make_tiny_checkpoint` writes random weights for the tiny configs in exactly this layout, so tests
+and the local demo go through the very same loader.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from app.worker.model import lm_checkpoint, mimi_checkpoint
+from app.worker.model.errors import CheckpointError
+from app.worker.model.lm import LMConfig, PersonaPlexLM
+from app.worker.model.mimi import Mimi, MimiConfig
+from app.worker.model.prompts import VoiceEmbeddings, voice_embeddings_from_audio
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPO = "nvidia/personaplex-7b-v1"
+LM_FILE = "model.safetensors"
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
+VOICES_ARCHIVE = "voices.tgz"
+VOICES_DIR = "voices"
+
+VOICE_SAMPLE_RATE = 24_000
+VOICE_TARGET_LUFS = -24.0
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where the four official artefacts are on local disk."""
+
+    lm: Path
+    mimi: Path
+    tokenizer: Path
+    voices_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def resolve_checkpoint(
+    source: str | os.PathLike | None = None,
+    *,
+    repo_id: str = DEFAULT_REPO,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> CheckpointFiles:
+    """Return local paths of the official files.
+
+    `source` is a local directory holding the official files, or None to download them from
+    `repo_id` on the Hugging Face hub (cached; progress bars from huggingface_hub; `token`
+    defaults to HF_TOKEN).
+    """
+    if source is not None:
+        return _local_files(Path(source))
+    return _hub_files(repo_id, revision=revision, token=token, cache_dir=cache_dir)
+
+
+def _local_files(root: Path) -> CheckpointFiles:
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    missing = [name for name in (LM_FILE, MIMI_FILE, TOKENIZER_FILE) if not (root / name).is_file()]
+    voices = root / VOICES_DIR
+    archive = root / VOICES_ARCHIVE
+    if not voices.is_dir() and not archive.is_file():
+        missing.append(f"{VOICES_DIR}/ or {VOICES_ARCHIVE}")
+    if missing:
+        raise CheckpointError(f"checkpoint directory {root} lacks: {', '.join(missing)}")
+    if not voices.is_dir():
+        extract_voices(archive, root)
+    return CheckpointFiles(root / LM_FILE, root / MIMI_FILE, root / TOKENIZER_FILE, voices)
+
+
+def _hub_files(
+    repo_id: str, *, revision: str | None, token: str | None, cache_dir: str | os.PathLike | None
+) -> CheckpointFiles:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    token = token or os.environ.get("HF_TOKEN") or None
+    paths: dict[str, Path] = {}
+    for name in (TOKENIZER_FILE, VOICES_ARCHIVE, MIMI_FILE, LM_FILE):
+        try:
+            paths[name] = Path(
+                hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir)
+            )
+        except GatedRepoError as exc:
+            raise CheckpointError(
+                f"{repo_id} is gated: accept the NVIDIA Open Model License on its hub page and set "
+                f"HF_TOKEN to a token of that account ({exc.__class__.__name__})"
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise CheckpointError(f"hub repo {repo_id} not found or not visible to this token") from exc
+        except LocalEntryNotFoundError as exc:
+            raise CheckpointError(
+                f"{name} of {repo_id} is not in the local cache and the hub cannot be reached: {exc}"
+            ) from exc
+    archive = paths[VOICES_ARCHIVE]
+    voices = archive.parent / VOICES_DIR
+    if not voices.is_dir():
+        extract_voices(archive, archive.parent)
+    return CheckpointFiles(paths[LM_FILE], paths[MIMI_FILE], paths[TOKENIZER_FILE], voices)
+
+
+def extract_voices(archive: Path, dest: Path) -> Path:
+    """Unpack `voices.tgz` into `dest/voices`, refusing members that would land outside it."""
+    target = dest / VOICES_DIR
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = []
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if member.isdir():
+                    continue
+                if not member.isfile() or ".." in parts or Path(member.name).is_absolute():
+                    raise CheckpointError(f"{archive}: refusing unsafe member {member.name!r}")
+                if parts[0] != VOICES_DIR:
+                    raise CheckpointError(f"{archive}: member {member.name!r} is not under {VOICES_DIR}/")
+                members.append(member)
+            tmp = dest / f".{VOICES_DIR}.partial"
+            tar.extractall(tmp, members=members, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise CheckpointError(f"{archive}: cannot unpack voices: {exc}") from exc
+    (tmp / VOICES_DIR).rename(target)
+    tmp.rmdir()
+    logger.info("unpacked %d voices into %s", len(members), target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or foreign file is a CheckpointError naming it."""
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+def load_lm(
+    path: Path,
+    cfg: LMConfig,
+    *,
+    max_slots: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    depformer_steps: int = 8,
+) -> PersonaPlexLM:
+    """Build the LM for `max_slots` calls and load `model.safetensors` into it."""
+    official = read_safetensors(path, device)
+    ours = _named(path, lm_checkpoint.from_official, official, cfg)
+    with torch.device("meta"):
+        model = PersonaPlexLM(cfg, max_slots=max_slots, dtype=dtype, depformer_steps=depformer_steps)
+    _load_into(model, ours, path, device, dtype)
+    return model
+
+
+def load_mimi(
+    path: Path,
+    cfg: MimiConfig,
+    *,
+    max_slots: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Mimi:
+    """Build Mimi for `max_slots` calls and load the official Mimi safetensors into it."""
+    official = read_safetensors(path, device)
+    ours = _named(path, mimi_checkpoint.from_official, official, cfg)
+    with torch.device("meta"):
+        model = Mimi(cfg, max_slots=max_slots, dtype=dtype)
+    _load_into(model, ours, path, device, dtype)
+    return model
+
+
+def _named(path: Path, convert, official: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    try:
+        return convert(official, cfg)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _load_into(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Materialise a meta-built model on `device` and load `state` (weights) into it.
+
+    Parameters come from `state`; non-persistent buffers (per-slot streaming state) are
+    re-created by the model's own `reset` after materialisation.
+    """
+    model.to_empty(device=device)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: converted weights do not fit the model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    cast = {
+        name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for name, t in state.items()
+    }
+    model.load_state_dict(cast, strict=True)
+    model.init_state()
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and voices
+
+
+def load_tokenizer(path: Path, cfg: LMConfig | None = None) -> sentencepiece.SentencePieceProcessor:
+    """Load the sentencepiece model; with `cfg`, check its size against the LM's text card."""
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a sentencepiece model: {exc}") from exc
+    if cfg is not None and sp.vocab_size() != cfg.text_card:
+        raise CheckpointError(
+            f"{path}: tokenizer has {sp.vocab_size()} pieces, the LM's text card is {cfg.text_card}"
+        )
+    return sp
+
+
+def list_voices(voices_dir: Path) -> dict[str, Path]:
+    """Voice name -> file, for the `.pt` and `.wav` prompts in `voices_dir` (`.pt` wins a tie)."""
+    found: dict[str, Path] = {}
+    for suffix in (".wav", ".pt"):
+        for path in sorted(voices_dir.glob(f"*{suffix}")):
+            found[path.stem] = path
+    return found
+
+
+def load_voice_embeddings(path: Path, cfg: LMConfig) -> VoiceEmbeddings:
+    """Load an official voice `.pt` (`embeddings` [N, 1, 1, D], `cache` [1, K, CT])."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a foreign file; re-raised, named
+        raise CheckpointError(f"{path}: not a voice prompt file: {exc}") from exc
+    if not isinstance(data, dict) or "embeddings" not in data or "cache" not in data:
+        raise CheckpointError(f"{path}: a voice prompt holds 'embeddings' and 'cache'")
+    emb, cache = data["embeddings"], data["cache"]
+    if emb.dim() != 4 or emb.shape[1:3] != (1, 1) or emb.shape[3] != cfg.dim or emb.shape[0] < 1:
+        raise CheckpointError(
+            f"{path}: embeddings has shape {tuple(emb.shape)}, expected (N, 1, 1, {cfg.dim})"
+        )
+    ring = cfg.token_ring
+    if tuple(cache.shape) != (1, cfg.num_streams, ring):
+        raise CheckpointError(
+            f"{path}: cache has shape {tuple(cache.shape)}, expected (1, {cfg.num_streams}, {ring})"
+        )
+    return VoiceEmbeddings(embeddings=emb[:, 0, 0].float(), cache=cache[0].long())
+
+
+def save_voice_embeddings(path: Path, voice: VoiceEmbeddings) -> None:
+    """Write a voice prompt in the official `.pt` layout."""
+    torch.save(
+        {"embeddings": voice.embeddings[:, None, None].cpu(), "cache": voice.cache[None].cpu()}, path
+    )
+
+
+def load_voice_audio(path: Path) -> np.ndarray:
+    """Read a `.wav` voice prompt: mono, 24 kHz, loudness-normalised to -24 LUFS.  # [T] float32"""
+    import pyloudnorm
+    import soundfile
+    import soxr
+
+    try:
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read audio: {exc}") from exc
+    mono = audio.mean(axis=1)
+    if rate != VOICE_SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, VOICE_SAMPLE_RATE)
+    if mono.shape[0] < VOICE_SAMPLE_RATE // 2:
+        raise CheckpointError(f"{path}: a voice prompt needs at least 0.5 s of audio")
+    meter = pyloudnorm.Meter(VOICE_SAMPLE_RATE)
+    loudness = meter.integrated_loudness(mono)
+    if not np.isfinite(loudness):
+        raise CheckpointError(f"{path}: the voice prompt is silent")
+    return pyloudnorm.normalize.loudness(mono, loudness, VOICE_TARGET_LUFS).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny checkpoint
+
+
+def train_tiny_tokenizer(vocab_size: int) -> bytes:
+    """Train a sentencepiece model of `vocab_size` pieces with ids 0..3 = unk/EPAD, BOS, EOS, PAD."""
+    corpus = [
+        "<system> You are a friendly agent of the city waste management line. <system>",
+        "<system> You take food orders for a restaurant; be brief and polite. <system>",
+        "hello thank you for calling how can I help you today",
+        "your pickup is scheduled for tuesday morning, anything else?",
+        "one large pizza with mushrooms and a lemonade, that will be twelve dollars",
+        "please hold while I transfer your call to a colleague",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'-()<>/",
+    ] * 8
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        minloglevel=2,
+        num_threads=1,
+    )
+    return buf.getvalue()
+
+
+def make_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    voices: tuple[str, ...] = ("NATF0", "NATM0"),
+) -> CheckpointFiles:
+    """Write random tiny-config weights in exactly the official file names and key layout.
+
+    Also writes a tiny sentencepiece model and `voices.tgz` with voice prompts made by running
+    our own Mimi + LM over synthetic voice audio (the way the official `.pt` files are made).
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    lm_cfg, mimi_cfg = LMConfig.tiny(), MimiConfig.tiny()
+    torch.manual_seed(seed)
+    mimi = Mimi(mimi_cfg, max_slots=1)
+    lm = PersonaPlexLM(lm_cfg, max_slots=1, depformer_steps=lm_cfg.depformer_total_steps)
+    mimi.eval()
+    lm.eval()
+    save_file(_contiguous(mimi_checkpoint.to_official(mimi.state_dict(), mimi_cfg)), str(root / MIMI_FILE))
+    save_file(_contiguous(lm_checkpoint.to_official(lm.state_dict(), lm_cfg)), str(root / LM_FILE))
+    (root / TOKENIZER_FILE).write_bytes(train_tiny_tokenizer(lm_cfg.text_card))
+
+    staging = root / f".{VOICES_DIR}.build"
+    (staging / VOICES_DIR).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in voices:
+        audio = synthetic_voice(rng)
+        voice = voice_embeddings_from_audio(lm, mimi, audio)
+        save_voice_embeddings(staging / VOICES_DIR / f"{name}.pt", voice)
+    with tarfile.open(root / VOICES_ARCHIVE, "w:gz") as tar:
+        tar.add(staging / VOICES_DIR, arcname=VOICES_DIR)
+    for path in (staging / VOICES_DIR).iterdir():
+        path.unlink()
+    (staging / VOICES_DIR).rmdir()
+    staging.rmdir()
+    return resolve_checkpoint(root)
+
+
+def synthetic_voice(rng: np.random.Generator, seconds: float = 1.2) -> np.ndarray:
+    """A voiced-speech-like signal (gliding harmonics, syllable envelope) at 24 kHz.  # [T]"""
+    t = np.arange(int(seconds * VOICE_SAMPLE_RATE)) / VOICE_SAMPLE_RATE
+    f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 1.5 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / VOICE_SAMPLE_RATE
+    voiced = sum(np.sin(h * phase) / h for h in range(1, 8))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    noise = 0.02 * rng.standard_normal(t.shape)
+    return (0.3 * voiced * envelope + noise).astype(np.float32)
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}

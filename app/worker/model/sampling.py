@@ -1,0 +1,99 @@
+"""Per-row token sampling with a counter-based RNG.
+
+Every row carries its own temperature, top-k and seed. The random numbers for a row are a pure
+function of (seed, offset, stream, token id): a seeded call samples the same tokens whatever the
+other rows do and whenever it joined, on CPU and on GPU alike (integer hashing is exact on both).
+Sampling is Gumbel-max over the top-k logits, which draws from softmax(logits / temperature)
+restricted to the top k, like the official multinomial-over-top-k. temperature <= 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_MASK16 = 0xFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), exact: every partial product stays < 2**49."""
+    lo = x * (c & _MASK16)
+    hi = ((x * (c >> 16)) & _MASK16) << 16
+    return (lo + hi) & _MASK32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """32-bit integer mixer ("lowbias32") on int64 tensors holding values in [0, 2**32)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    x = x ^ (x >> 16)
+    return x
+
+
+def row_keys(seed: Tensor, offset: Tensor, stream: Tensor | int) -> Tensor:
+    """Mix (seed, offset, stream) into one 32-bit key per row. seed, offset: [N] long."""
+    seed = seed.long()
+    offset = offset.long()
+    stream_t = torch.as_tensor(stream, dtype=torch.long, device=seed.device).expand_as(seed)
+    k = hash32(((seed >> 32) & _MASK32) ^ 0x9E3779B9)  # [N]
+    k = hash32(k ^ (seed & _MASK32))
+    k = hash32(k ^ (offset & _MASK32))
+    k = hash32(k ^ ((offset >> 32) & _MASK32))
+    k = hash32(k ^ (stream_t & _MASK32))
+    return k
+
+
+def uniform(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> Tensor:
+    """Uniform numbers in (0, 1), float32 [N, vocab], one per (row, token id)."""
+    keys = row_keys(seed, offset, stream)  # [N]
+    tokens = torch.arange(vocab, device=seed.device, dtype=torch.long)
+    bits = hash32(keys[:, None] ^ hash32(tokens + 0x632BE5AB)[None, :])  # [N, V]
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> Tensor:
+    """Standard Gumbel noise, float32 [N, vocab], a pure function of its key."""
+    u = uniform(seed, offset, stream, vocab)
+    return -torch.log(-torch.log(u))
+
+
+def top_k_mask(logits: Tensor, top_k: Tensor) -> Tensor:
+    """Bool [N, V]: True for tokens kept by per-row top-k (top_k <= 0 or >= V keeps all)."""
+    vocab = logits.shape[-1]
+    k = top_k.long().clamp(min=1, max=vocab)  # [N]
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # [N, 1]
+    keep = logits >= kth
+    no_filter = (top_k <= 0) | (top_k >= vocab)
+    return keep | no_filter[:, None]
+
+
+def sample(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    seed: Tensor,
+    offset: Tensor,
+    stream: Tensor | int,
+) -> Tensor:
+    """Sample one token per row.
+
+    logits [N, V] (any float dtype, computed in float32); temperature [N] float; top_k [N] long;
+    seed [N] long; offset [N] long (the row's own step counter); stream: int or [N] long (which
+    token stream of the step: 0 text, 1 + k depformer step k). Returns [N] long.
+    Rows with temperature <= 0 take the argmax of the logits.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    temp = temperature.to(torch.float32)
+    greedy = temp <= 0  # [N]
+    safe_temp = torch.where(greedy, torch.ones_like(temp), temp)
+    scores = logits / safe_temp[:, None] + gumbel(seed, offset, stream, vocab)
+    scores = scores.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
+    sampled = scores.argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
