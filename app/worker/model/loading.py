@@ -16,6 +16,7 @@ and the local demo go through the very same loader.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -33,7 +34,12 @@ from app.worker.model import lm_checkpoint, mimi_checkpoint
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
-from app.worker.model.prompts import VoiceEmbeddings, voice_embeddings_from_audio
+from app.worker.model.prompts import (
+    Voice,
+    VoiceEmbeddings,
+    voice_codes_from_audio,
+    voice_embeddings_from_audio,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +181,11 @@ def load_lm(
 ) -> PersonaPlexLM:
     """Build the LM for `max_slots` calls and load `model.safetensors` into it."""
     official = read_safetensors(path, device)
-    ours = _named(path, lm_checkpoint.from_official, official, cfg)
+    convert = functools.partial(lm_checkpoint.from_official, depformer_steps=depformer_steps)
+    ours = _named(path, convert, official, cfg)
     with torch.device("meta"):
         model = PersonaPlexLM(cfg, max_slots=max_slots, dtype=dtype, depformer_steps=depformer_steps)
-    _load_into(model, ours, path, device, dtype)
+    _load_into(model, ours, path, device)
     return model
 
 
@@ -195,7 +202,7 @@ def load_mimi(
     ours = _named(path, mimi_checkpoint.from_official, official, cfg)
     with torch.device("meta"):
         model = Mimi(cfg, max_slots=max_slots, dtype=dtype)
-    _load_into(model, ours, path, device, dtype)
+    _load_into(model, ours, path, device)
     return model
 
 
@@ -207,11 +214,7 @@ def _named(path: Path, convert, official: dict[str, torch.Tensor], cfg) -> dict[
 
 
 def _load_into(
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    path: Path,
-    device: str | torch.device,
-    dtype: torch.dtype,
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, device: str | torch.device
 ) -> None:
     """Materialise a meta-built model on `device` and load `state` (weights) into it.
 
@@ -232,10 +235,8 @@ def _load_into(
             raise CheckpointError(
                 f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
-    cast = {
-        name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        for name, t in state.items()
-    }
+    # Each tensor takes the dtype the model built it in (Mimi keeps its codebooks in float32).
+    cast = {name: t.to(device=device, dtype=expected[name].dtype) for name, t in state.items()}
     model.load_state_dict(cast, strict=True)
     model.init_state()
     model.eval()
@@ -265,6 +266,15 @@ def list_voices(voices_dir: Path) -> dict[str, Path]:
         for path in sorted(voices_dir.glob(f"*{suffix}")):
             found[path.stem] = path
     return found
+
+
+def load_voice(path: Path, cfg: LMConfig, mimi: Mimi) -> Voice:
+    """A voice prompt from an official `.pt` (replayed embeddings) or a `.wav` (encoded by `mimi`)."""
+    if path.suffix == ".pt":
+        return load_voice_embeddings(path, cfg)
+    if path.suffix == ".wav":
+        return voice_codes_from_audio(mimi, load_voice_audio(path))
+    raise CheckpointError(f"{path}: a voice prompt is a .pt or a .wav file")
 
 
 def load_voice_embeddings(path: Path, cfg: LMConfig) -> VoiceEmbeddings:

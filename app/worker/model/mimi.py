@@ -13,7 +13,8 @@ Streaming state is preallocated for `max_slots` rows; encoder and decoder have s
 A query at position p attends the keys at positions p - context + 1 .. p, exactly like the offline
 (whole-signal) model and transformers' MimiModel. The official streaming code writes both steps of a
 frame into a ring of `context` entries before attending, so once more than `context` steps have passed
-its first step of each frame misses its single oldest key; this module does not reproduce that.
+the first step of each frame misses its single oldest key; `MimiConfig.official_streaming_ring=True`
+reproduces that instead.
 
 Every per-slot operation runs on all rows with fixed shapes; `active` selects which rows advance and the
 other rows keep every state tensor bit for bit.
@@ -54,6 +55,10 @@ class MimiConfig:
     max_period: float = 10000.0
     layer_scale: float = 0.01
     norm_eps: float = 1e-5
+    # False: a query sees the previous `context` steps, as offline and in transformers (default).
+    # True: reproduce the official streaming ring (both steps of a frame written before attending), where
+    # the first step of each frame sees only `context - 1` steps.
+    official_streaming_ring: bool = False
     # Split residual VQ.
     codebook_dim: int = 256
     codebook_size: int = 2048
@@ -124,6 +129,9 @@ class MimiConfig:
         return self.dimension // self.num_heads
 
 
+Device = torch.device | str | None
+
+
 def _rows(mask: Tensor, ndim: int) -> Tensor:
     """View a [S] mask so it broadcasts over a tensor with `ndim` dims and slots first."""
     return mask.view(-1, *([1] * (ndim - 1)))
@@ -156,7 +164,7 @@ class _CausalConv1d(_Stateful):
         groups: int = 1,
         bias: bool = True,
         replicate_pad: bool = False,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -224,7 +232,7 @@ class _CausalConvTranspose1d(_Stateful):
         max_slots: int,
         groups: int = 1,
         bias: bool = True,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -267,7 +275,9 @@ class _CausalConvTranspose1d(_Stateful):
 class _ResBlock(nn.Module):
     """SEANet residual block: x + conv1x1(elu(conv_k(elu(x)))), identity skip."""
 
-    def __init__(self, dim: int, cfg: MimiConfig, dilation: int, max_slots: int, device, dtype) -> None:
+    def __init__(
+        self, dim: int, cfg: MimiConfig, dilation: int, max_slots: int, device: Device, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         hidden = dim // cfg.compress
         kw = dict(max_slots=max_slots, device=device, dtype=dtype)
@@ -279,7 +289,9 @@ class _ResBlock(nn.Module):
 
 
 class _EncoderStage(nn.Module):
-    def __init__(self, dim: int, ratio: int, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(
+        self, dim: int, ratio: int, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.res = nn.ModuleList(
             _ResBlock(dim, cfg, cfg.dilation_base**j, max_slots, device, dtype) for j in range(cfg.n_residual_layers)
@@ -295,7 +307,9 @@ class _EncoderStage(nn.Module):
 
 
 class _DecoderStage(nn.Module):
-    def __init__(self, dim: int, ratio: int, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(
+        self, dim: int, ratio: int, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.up = _CausalConvTranspose1d(
             dim, dim // 2, 2 * ratio, ratio, max_slots=max_slots, device=device, dtype=dtype
@@ -315,7 +329,7 @@ class _DecoderStage(nn.Module):
 class _SeanetEncoder(nn.Module):
     """[B, 1, T] -> [B, dimension, T / hop_length]."""
 
-    def __init__(self, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         kw = dict(max_slots=max_slots, device=device, dtype=dtype)
         self.input_conv = _CausalConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size, **kw)
@@ -336,7 +350,7 @@ class _SeanetEncoder(nn.Module):
 class _SeanetDecoder(nn.Module):
     """[B, dimension, T] -> [B, 1, T * hop_length]."""
 
-    def __init__(self, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         kw = dict(max_slots=max_slots, device=device, dtype=dtype)
         top = cfg.n_filters * 2 ** len(cfg.ratios)
@@ -374,7 +388,7 @@ def _rope(x: Tensor, pos: Tensor, max_period: float) -> Tensor:
 class _Attention(_Stateful):
     """Causal multi-head self-attention with a per-slot K/V ring of `context` steps."""
 
-    def __init__(self, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         D, H = cfg.dimension, cfg.num_heads
         self.num_heads = H
@@ -415,7 +429,7 @@ class _Attention(_Stateful):
 class _TransformerLayer(nn.Module):
     """Pre-norm layer: x + s1 * attn(ln1(x)); x + s2 * linear2(gelu(linear1(ln2(x))))."""
 
-    def __init__(self, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         D = cfg.dimension
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps, device=device, dtype=dtype)
@@ -434,9 +448,10 @@ class _TransformerLayer(nn.Module):
 class _Transformer(_Stateful):
     """Causal transformer over [B, T, D] with a sliding context and per-slot positions."""
 
-    def __init__(self, cfg: MimiConfig, max_slots: int, device, dtype) -> None:
+    def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         self.context = cfg.context
+        self.official_ring = cfg.official_streaming_ring
         self.layers = nn.ModuleList(_TransformerLayer(cfg, max_slots, device, dtype) for _ in range(cfg.num_layers))
         # [S]: steps already written to each slot's K/V ring (= position of the next step).
         self.register_buffer("pos", torch.zeros(max_slots, dtype=torch.long, device=device), persistent=False)
@@ -460,6 +475,8 @@ class _Transformer(_Stateful):
             ring = torch.arange(C, device=x.device)
             ring_pos = end - 1 - torch.remainder(end - 1 - ring, C)  # [S, C] position held by each ring entry
             ring_ok = (ring_pos[:, None, :] >= 0) & (pos[:, :, None] - ring_pos[:, None, :] < C)  # [S, T, C]
+            if self.official_ring:  # entries the official ring has overwritten with this call's steps
+                ring_ok = ring_ok & (ring_pos[:, None, :] >= end[:, :, None] + T - C)
             mask = torch.cat([ring_ok, new_ok.expand(B, T, T)], dim=-1)[:, None]  # [S, 1, T, C + T]
         for layer in self.layers:
             x = layer(x, pos, mask, active)
@@ -471,7 +488,7 @@ class _Transformer(_Stateful):
 class _SplitRVQ(nn.Module):
     """Split residual VQ (semantic levels, then acoustic levels), float32 math."""
 
-    def __init__(self, cfg: MimiConfig, device) -> None:
+    def __init__(self, cfg: MimiConfig, device: Device) -> None:
         super().__init__()
         self.n_semantic = cfg.n_semantic
         self.num_codebooks = cfg.num_codebooks
@@ -521,7 +538,7 @@ class Mimi(nn.Module):
         self,
         cfg: MimiConfig,
         max_slots: int,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -544,7 +561,16 @@ class Mimi(nn.Module):
         self.decoder_transformer = _Transformer(cfg, max_slots, device, dtype)
         self.decoder = _SeanetDecoder(cfg, max_slots, device, dtype)
 
+    @property
+    def device(self) -> torch.device:
+        return self.encoder_transformer.pos.device
+
     # ---- slot state -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Initialise the streaming state of every slot (e.g. after building on meta and `to_empty`)."""
+        self.reset(torch.ones(self.max_slots, dtype=torch.bool, device=self.device))
 
     def _slot_mask(self, slots: Tensor) -> Tensor:
         device = self.encoder_transformer.pos.device

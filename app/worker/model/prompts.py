@@ -79,89 +79,25 @@ def prompt_frames(cfg: LMConfig, text_tokens: list[int], voice_codes: Tensor | N
     return torch.stack(frames, dim=1)
 
 
-@dataclass
-class _Ring:
-    """The official per-call token cache, simulated on the host for fully given frames."""
-
-    cache: np.ndarray  # [K, CT] int64
-    provided: np.ndarray  # [K, CT] bool
-    offset: int
-
-
-def _replay_given(
-    cfg: LMConfig, ring: _Ring, frames: np.ndarray, columns: list[np.ndarray] | None
-) -> None:
-    """Advance `ring` over fully given frames [K, F] exactly as `PersonaPlexLM.step` would.
-
-    Appends the input column of every step that runs the transformer to `columns`.
-    """
-    ct = ring.cache.shape[1]
-    initial = np.asarray(cfg.initial_tokens, dtype=np.int64)
-    delays = np.asarray(cfg.delays, dtype=np.int64)
-    streams = np.arange(len(delays))
-    for frame in frames.T:
-        o = ring.offset
-        write = (o + delays) % ct
-        ring.cache[streams, write] = frame
-        ring.provided[streams, write] = True
-        early = o <= delays
-        ring.cache[streams[early], o % ct] = initial[early]
-        ring.provided[streams[early], o % ct] = True
-        if o == 0:
-            ring.cache[:, 0] = initial
-        else:
-            if columns is not None:
-                columns.append(ring.cache[:, (o - 1) % ct].copy())
-            ring.provided[:, (o - 1) % ct] = False
-        ring.offset = o + 1
-
-
-def _fresh_ring(cfg: LMConfig) -> _Ring:
-    return _Ring(
-        cache=np.full((cfg.num_streams, cfg.token_ring), cfg.ungenerated_token, dtype=np.int64),
-        provided=np.zeros((cfg.num_streams, cfg.token_ring), dtype=bool),
-        offset=0,
-    )
-
-
-def _replay_frame(cfg: LMConfig) -> np.ndarray:
-    """The frame the official embedding replay declares as given at each step.  # [K]"""
-    frame = np.asarray(cfg.initial_tokens, dtype=np.int64).copy()
-    frame[0] = TEXT_PAD
-    return frame
-
-
 @torch.no_grad()
 def build_prompt_state(
     lm: PersonaPlexLM, slot: int, text_tokens: list[int], voice: Voice | None
 ) -> SlotState:
-    """Run the whole persona prompt in `slot` as one parallel prefill and return its state."""
-    cfg = lm.cfg
-    ring = _fresh_ring(cfg)
-    inputs: list[Tensor] = []
-    columns: list[np.ndarray] = []
+    """Run the whole persona prompt in `slot` as one parallel prefill and return its state.
+
+    The slot is reset first; afterwards it holds the prompt state (ready for the first
+    conversational frame) and the returned copy can be imported into any other slot.
+    """
+    lm.reset(slot)
     voice_codes = None
     if isinstance(voice, VoiceEmbeddings):
-        n = voice.embeddings.shape[0]
-        _replay_given(cfg, ring, np.tile(_replay_frame(cfg)[:, None], (1, n + 1)), None)
-        ring.cache = voice.cache.cpu().numpy().astype(np.int64).copy()
-        inputs.append(voice.embeddings.to(device=lm.device, dtype=lm.dtype))
+        # Official replay: the stored embeddings stand in for the voice frames' input columns,
+        # then the stored token cache replaces the ring.
+        lm.prefill_frames(slot, embeddings=voice.embeddings.to(device=lm.device, dtype=lm.dtype))
+        lm.set_token_state(slot, cache=voice.cache)
     elif isinstance(voice, VoiceCodes):
         voice_codes = voice.codes
-    frames = prompt_frames(cfg, text_tokens, voice_codes)
-    _replay_given(cfg, ring, frames.numpy(), columns)
-    if columns:
-        col = torch.as_tensor(np.stack(columns, axis=1), device=lm.device)  # [K, T]
-        inputs.append(lm.embed_columns(col[None])[0])
-    embeddings = torch.cat(inputs, dim=0)  # [T, D]
-    lm.reset(torch.tensor([slot], device=lm.device))
-    lm.prefill(slot, embeddings)
-    lm.set_token_state(
-        slot,
-        offset=ring.offset,
-        cache=torch.as_tensor(ring.cache, device=lm.device),
-        provided=torch.as_tensor(ring.provided, device=lm.device),
-    )
+    lm.prefill_frames(slot, frames=prompt_frames(lm.cfg, text_tokens, voice_codes))
     return lm.export_slot(slot)
 
 
@@ -170,28 +106,22 @@ def step_prompt_state(
     lm: PersonaPlexLM, slot: int, text_tokens: list[int], voice: Voice | None
 ) -> SlotState:
     """The reference: the same prompt stepped frame by frame through `PersonaPlexLM.step`."""
-    cfg = lm.cfg
-    s = lm.max_slots
+    cfg, s = lm.cfg, lm.max_slots
     active = torch.zeros(s, dtype=torch.bool, device=lm.device)
     active[slot] = True
-    lm.reset(torch.tensor([slot], device=lm.device))
+    frame = torch.full((s, cfg.num_streams), -1, dtype=torch.long, device=lm.device)
+    lm.reset(slot)
     voice_codes = None
     if isinstance(voice, VoiceEmbeddings):
-        replay = torch.as_tensor(_replay_frame(cfg), device=lm.device)
-        frame = torch.full((s, cfg.num_streams), -1, dtype=torch.long, device=lm.device)
-        frame[slot] = replay
+        frame[slot] = lm.replay_frame()
         emb = torch.zeros(s, cfg.dim, device=lm.device, dtype=lm.dtype)
-        use = active.clone()
-        # The offset-0 step runs no transformer and consumes no embedding.
-        lm.step(frame, active, embeddings=emb, use_embeddings=use)
         for vec in voice.embeddings:
             emb[slot] = vec.to(device=lm.device, dtype=lm.dtype)
-            lm.step(frame, active, embeddings=emb, use_embeddings=use)
-        lm.set_token_state(slot, cache=voice.cache.to(lm.device))
+            lm.step(frame, active, embeddings=emb, use_embeddings=active)
+        lm.set_token_state(slot, cache=voice.cache)
     elif isinstance(voice, VoiceCodes):
         voice_codes = voice.codes
     frames = prompt_frames(cfg, text_tokens, voice_codes).to(lm.device)
-    frame = torch.full((s, cfg.num_streams), -1, dtype=torch.long, device=lm.device)
     for t in range(frames.shape[1]):
         frame[slot] = frames[:, t]
         lm.step(frame, active)
@@ -209,15 +139,23 @@ def voice_codes_from_audio(mimi: Mimi, audio: np.ndarray) -> VoiceCodes:
 
 
 @torch.no_grad()
-def voice_embeddings_from_audio(lm: PersonaPlexLM, mimi: Mimi, audio: np.ndarray, slot: int = 0) -> VoiceEmbeddings:
-    """Make an official-style voice `.pt` payload: run the voice frames, keep the input embeddings
-    of every transformer step and the token cache after the last frame (slot `slot` is used)."""
-    cfg = lm.cfg
-    codes = voice_codes_from_audio(mimi, audio).codes
-    ring = _fresh_ring(cfg)
-    columns: list[np.ndarray] = []
-    frames = torch.stack([_frame(cfg, TEXT_PAD, c) for c in codes], dim=1)
-    _replay_given(cfg, ring, frames.numpy(), columns)
-    col = torch.as_tensor(np.stack(columns, axis=1), device=lm.device)  # [K, M-1]
-    embeddings = lm.embed_columns(col[None])[0]  # [M-1, D]
-    return VoiceEmbeddings(embeddings=embeddings.float().cpu(), cache=torch.as_tensor(ring.cache))
+def voice_embeddings_from_audio(
+    lm: PersonaPlexLM, mimi: Mimi, audio: np.ndarray, slot: int = 0
+) -> VoiceEmbeddings:
+    """Make an official-style voice `.pt` payload from 24 kHz audio.
+
+    Runs the voice frames (text PAD, agent = the voice's codes, user = SINE) in `slot` and keeps
+    the input embedding of every transformer step plus the token cache after the last frame, as
+    the official `save_voice_prompt_embeddings` does. The slot is reset afterwards.
+    """
+    codes = voice_codes_from_audio(mimi, audio).codes  # [M, 8]
+    if codes.shape[0] < 2:
+        raise ValueError("a voice prompt needs at least two frames (160 ms) of audio")
+    frames = torch.stack([_frame(lm.cfg, TEXT_PAD, c) for c in codes.cpu()], dim=1)  # [K, M]
+    columns = lm.frames_to_columns(frames[None].to(lm.device))[:, :, :-1]  # [1, K, M-1]
+    embeddings = lm.embed_columns(columns)[0]  # [M-1, D]
+    lm.reset(slot)
+    lm.prefill_frames(slot, frames=frames)
+    cache = lm.cache[slot].clone()
+    lm.reset(slot)
+    return VoiceEmbeddings(embeddings=embeddings.float().cpu(), cache=cache.cpu())

@@ -38,7 +38,10 @@ def row_keys(seed: Tensor, offset: Tensor, stream: Tensor | int) -> Tensor:
     """Mix (seed, offset, stream) into one 32-bit key per row. seed, offset: [N] long."""
     seed = seed.long()
     offset = offset.long()
-    stream_t = torch.as_tensor(stream, dtype=torch.long, device=seed.device).expand_as(seed)
+    if isinstance(stream, Tensor):
+        stream_t = stream.to(seed.device, torch.long).expand_as(seed)
+    else:
+        stream_t = torch.full_like(seed, int(stream))  # a fill kernel: no host copy, graph-capturable
     k = hash32(((seed >> 32) & _MASK32) ^ 0x9E3779B9)  # [N]
     k = hash32(k ^ (seed & _MASK32))
     k = hash32(k ^ (offset & _MASK32))

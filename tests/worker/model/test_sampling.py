@@ -1,0 +1,115 @@
+"""Per-row sampling with the counter-based RNG (app/worker/model/sampling.py)."""
+
+import torch
+
+from app.worker.model import sampling
+
+
+def _lowbias32_reference(x: int) -> int:
+    m = 0xFFFFFFFF
+    x &= m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    x ^= x >> 16
+    return x
+
+
+def test_hash32_is_exact_32bit_arithmetic():
+    values = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF]
+    got = sampling.hash32(torch.tensor(values, dtype=torch.long)).tolist()
+    assert got == [_lowbias32_reference(v) for v in values]
+
+
+def test_uniform_range_and_key_dependence():
+    seed = torch.tensor([1, 1, 1, 2])
+    offset = torch.tensor([5, 5, 6, 5])
+    u = sampling.uniform(seed, offset, 0, 4096)
+    assert u.dtype == torch.float32 and u.shape == (4, 4096)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    assert torch.equal(u[0], u[1])  # same key, same numbers
+    assert not torch.equal(u[0], u[2])  # other offset
+    assert not torch.equal(u[0], u[3])  # other seed
+    other_stream = sampling.uniform(seed[:1], offset[:1], 3, 4096)
+    assert not torch.equal(u[0], other_stream[0])
+
+
+def test_greedy_when_temperature_not_positive():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    temp = torch.tensor([0.0, -1.0, 0.0, 1.0])
+    top_k = torch.tensor([0, 5, 1, 0])
+    seed = torch.arange(4)
+    out = sampling.sample(logits, temp, top_k, seed, torch.zeros(4, dtype=torch.long), 0)
+    assert out[:3].tolist() == logits[:3].argmax(-1).tolist()
+
+
+def test_rows_independent_of_batch_composition():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 300)
+    temp = torch.tensor([0.8, 1.0, 0.7, 1.3, 0.9])
+    top_k = torch.tensor([250, 0, 25, 3, 100])
+    seed = torch.tensor([11, 22, 33, 44, 55])
+    offset = torch.tensor([7, 1, 100, 3, 9])
+    together = sampling.sample(logits, temp, top_k, seed, offset, 4)
+    for i in range(5):
+        alone = sampling.sample(logits[i : i + 1], temp[i : i + 1], top_k[i : i + 1], seed[i : i + 1], offset[i : i + 1], 4)
+        assert int(alone) == int(together[i])
+    # Changing other rows changes nothing for row 0.
+    logits2 = logits.clone()
+    logits2[1:] = torch.randn(4, 300)
+    again = sampling.sample(logits2, temp, top_k, seed, offset, 4)
+    assert int(again[0]) == int(together[0])
+
+
+def test_top_k_is_respected():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 64).expand(400, -1).contiguous()
+    k = 5
+    allowed = set(logits[0].topk(k).indices.tolist())
+    out = sampling.sample(
+        logits,
+        torch.full((400,), 5.0),  # hot: without top-k, many tokens outside the top 5 would come up
+        torch.full((400,), k),
+        torch.full((400,), 3),
+        torch.arange(400),
+        1,
+    )
+    assert set(out.tolist()) <= allowed
+    assert len(set(out.tolist())) == k
+
+
+def test_distribution_matches_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    temp = 0.8
+    n = 20000
+    out = sampling.sample(
+        logits.expand(n, -1),
+        torch.full((n,), temp),
+        torch.zeros(n, dtype=torch.long),
+        torch.full((n,), 1234),
+        torch.arange(n),
+        0,
+    )
+    freq = torch.bincount(out, minlength=5).float() / n
+    probs = torch.softmax(logits[0] / temp, dim=-1)
+    assert float((freq - probs).abs().max()) < 0.015
+
+
+def test_top_k_distribution_renormalised():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    n = 20000
+    out = sampling.sample(
+        logits.expand(n, -1),
+        torch.ones(n),
+        torch.full((n,), 2),
+        torch.full((n,), 99),
+        torch.arange(n),
+        2,
+    )
+    freq = torch.bincount(out, minlength=4).float() / n
+    probs = torch.softmax(logits[0, :2], dim=-1)
+    assert float(freq[2:].sum()) == 0.0
+    assert float((freq[:2] - probs).abs().max()) < 0.015
