@@ -25,6 +25,14 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network here: huggingface_hub serves only its cache (it reads the flag at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 def test_tiny_checkpoint_has_exactly_the_official_files(tiny_checkpoint: Path) -> None:
     names = {p.name for p in tiny_checkpoint.iterdir() if not p.name.startswith(".")}
     assert {
@@ -107,7 +115,7 @@ def test_hub_download_through_huggingface_hub_cache(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hub path is huggingface_hub's own download + cache; here served from a prepared cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline(monkeypatch)
     repo = tmp_path / "hub" / "models--nvidia--personaplex-7b-v1"
     snapshot = repo / "snapshots" / "0123456789abcdef"
     snapshot.mkdir(parents=True)
@@ -125,7 +133,7 @@ def test_hub_download_through_huggingface_hub_cache(
 def test_hub_without_cache_or_network_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline(monkeypatch)
     with pytest.raises(CheckpointError, match="not in the local cache"):
         loading.resolve_checkpoint(None, cache_dir=tmp_path / "empty")
 
