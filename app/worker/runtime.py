@@ -1,0 +1,262 @@
+"""The worker's model runtime: networks, tokenizer, personas and their cached prompt states.
+
+`build_runtime(settings)` loads everything once at start:
+- the checkpoint: 'tiny' (random weights written once under WORKER_STATE_DIR; they only make
+  noise), 'hf' (the official files from the hub, HF_TOKEN for the gated repo) or a local directory;
+  the network sizes are read from the files, so a directory may hold the tiny checkpoint too;
+- device and dtype ('auto': cuda + bfloat16 when a GPU is there, else cpu + float32; Mimi always
+  runs in float32);
+- the personas (`personas/*.yaml`), each voice checked against the checkpoint's voices directory,
+  each role prompt tokenised and its prompt state computed once, in a scratch slot, and kept.
+A call's join is then a copy: reset the rows, import the persona state, set the sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece
+import torch
+from safetensors import safe_open
+
+from app.config import WorkerSettings
+from app.personas import PersonaBook, load_personas
+from app.protocol import FRAME_SAMPLES, Sampling
+from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts
+from app.worker.model.errors import CheckpointError
+from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model.mimi import Mimi, MimiConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_DIRNAME = "tiny-checkpoint"
+SKIPPED_TEXT_IDS = frozenset({0, 3})  # EPAD and PAD: the model's "no new text" tokens
+
+TINY_BANNER = """
+################################################################################
+#  WORKER_MODEL=tiny: RANDOM TINY WEIGHTS. The bot will only make NOISE.       #
+#  For a real voice bot set WORKER_MODEL=hf (HF_TOKEN, licence accepted on the  #
+#  hub) or WORKER_MODEL=/path/to/personaplex-7b-v1 and run it on a GPU.         #
+################################################################################"""
+
+
+class UnknownPersona(KeyError):
+    """A session asked for a persona this worker does not serve."""
+
+
+@dataclass
+class Runtime:
+    """Everything the engine needs to serve calls; the model code knows nothing of the rest."""
+
+    kind: str  # 'tiny', 'hf' or 'dir'
+    source: str  # where the weights came from (directory or hub repo)
+    device: torch.device
+    dtype: torch.dtype
+    lm: PersonaPlexLM
+    mimi: Mimi
+    tokenizer: sentencepiece.SentencePieceProcessor
+    personas: PersonaBook
+    role_tokens: dict[str, list[int]]
+    voices: dict[str, prompts.Voice]
+    prompt_states: dict[str, SlotState]  # persona id -> state after its whole prompt (on `device`)
+    prompt_ms: dict[str, float]  # persona id -> time its prompt prefill took at start
+
+    @property
+    def max_slots(self) -> int:
+        return self.lm.max_slots
+
+    def has_persona(self, persona_id: str) -> bool:
+        return persona_id in self.prompt_states
+
+    @torch.inference_mode()
+    def join_slot(self, slot: int, persona_id: str, sampling: Sampling | None = None) -> None:
+        """Load a persona's cached prompt state into `slot`, ready for the call's first frame.
+
+        Resets the LM row and the slot's Mimi encoder and decoder, imports the state, sets the
+        persona's sampling with the call's overrides (a seed override makes the call reproducible).
+        """
+        state = self._state(persona_id)
+        self.lm.reset(slot)
+        self.lm.import_slot(slot, state)
+        self._set_sampling(slot, persona_id, sampling)
+        self.mimi.reset(torch.tensor([slot], dtype=torch.long))
+
+    @torch.inference_mode()
+    def prefill_in_place(self, slot: int, persona_id: str, sampling: Sampling | None = None) -> None:
+        """The reference for `join_slot`: run the persona's whole prompt in `slot` itself."""
+        self._state(persona_id)
+        prompts.build_prompt_state(self.lm, slot, self.role_tokens[persona_id], self.voices[persona_id])
+        self._set_sampling(slot, persona_id, sampling)
+        self.mimi.reset(torch.tensor([slot], dtype=torch.long))
+
+    def text_piece(self, token: int) -> str | None:
+        """The text of one model text token ('▁' -> ' '), None for the padding tokens."""
+        if token in SKIPPED_TEXT_IDS or not 0 <= token < self.tokenizer.vocab_size():
+            return None
+        return self.tokenizer.id_to_piece(token).replace("▁", " ")
+
+    def _state(self, persona_id: str) -> SlotState:
+        state = self.prompt_states.get(persona_id)
+        if state is None:
+            raise UnknownPersona(persona_id)
+        return state
+
+    def _set_sampling(self, slot: int, persona_id: str, sampling: Sampling | None) -> None:
+        base = self.personas.personas[persona_id].sampling
+        over = sampling or Sampling()
+        self.lm.set_sampling(
+            slot,
+            temperature_text=_pick(over.text_temperature, base.text_temperature),
+            temperature_audio=_pick(over.audio_temperature, base.audio_temperature),
+            top_k_text=_pick(over.text_top_k, base.text_top_k),
+            top_k_audio=_pick(over.audio_top_k, base.audio_top_k),
+            seed=over.seed,
+        )
+
+
+def _pick(override, default):
+    return default if override is None else override
+
+
+# ------------------------------------------------------------------------------------- building
+def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """'auto' picks cuda + bfloat16 when a GPU is there, else cpu + float32."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"WORKER_DEVICE={name} but torch sees no CUDA device")
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    return device, dtype
+
+
+def checkpoint_files(settings: WorkerSettings) -> tuple[str, str, loading.CheckpointFiles]:
+    """(kind, source, files) for WORKER_MODEL; creates the tiny checkpoint on first use."""
+    if settings.worker_model == "tiny":
+        root = settings.worker_state_dir / TINY_DIRNAME
+        logger.warning(TINY_BANNER)
+        return "tiny", str(root), ensure_tiny_checkpoint(root)
+    if settings.worker_model == "hf":
+        logger.info("fetching %s from the Hugging Face hub (cached after the first time)", settings.worker_hf_repo)
+        return "hf", settings.worker_hf_repo, loading.resolve_checkpoint(None, repo_id=settings.worker_hf_repo)
+    return "dir", settings.worker_model, loading.resolve_checkpoint(Path(settings.worker_model))
+
+
+def ensure_tiny_checkpoint(root: Path) -> loading.CheckpointFiles:
+    """The tiny random checkpoint under `root`, written (atomically) if it is not there yet."""
+    try:
+        return loading.resolve_checkpoint(root)
+    except CheckpointError:
+        if root.exists():
+            logger.warning("tiny checkpoint at %s is incomplete; writing it again", root)
+    staging = root.with_name(f".{root.name}.{int(time.time() * 1000)}.partial")
+    loading.make_tiny_checkpoint(staging)
+    if root.exists():
+        shutil.rmtree(root)
+    try:
+        staging.rename(root)
+    except OSError as exc:  # another worker on this machine wrote it meanwhile: use theirs
+        logger.info("tiny checkpoint appeared at %s meanwhile (%s); using it", root, exc)
+        shutil.rmtree(staging)
+    else:
+        logger.info("wrote the tiny random checkpoint to %s", root)
+    return loading.resolve_checkpoint(root)
+
+
+def detect_configs(files: loading.CheckpointFiles) -> tuple[LMConfig, MimiConfig]:
+    """Which configs (tiny or full PersonaPlex) the checkpoint files hold, from their headers."""
+    lm_key, mimi_key = "text_emb.weight", "encoder.model.0.conv.conv.weight"
+    lm_shape = _header_shape(files.lm, lm_key)
+    mimi_shape = _header_shape(files.mimi, mimi_key)
+    lm_cfg = next(
+        (c for c in (LMConfig.personaplex_7b(), LMConfig.tiny())
+         if lm_checkpoint.expected_official_shapes(c)[lm_key] == lm_shape),
+        None,
+    )
+    mimi_cfg = next(
+        (c for c in (MimiConfig.personaplex(), MimiConfig.tiny())
+         if mimi_checkpoint.expected_official_shapes(c)[mimi_key] == mimi_shape),
+        None,
+    )
+    if lm_cfg is None:
+        raise CheckpointError(f"{files.lm}: {lm_key} has shape {lm_shape}: neither PersonaPlex-7B nor tiny")
+    if mimi_cfg is None:
+        raise CheckpointError(f"{files.mimi}: {mimi_key} has shape {mimi_shape}: neither PersonaPlex Mimi nor tiny")
+    return lm_cfg, mimi_cfg
+
+
+def _header_shape(path: Path, key: str) -> tuple[int, ...]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if key not in f.keys():
+                raise CheckpointError(f"{path}: no tensor {key}")
+            return tuple(f.get_slice(key).get_shape())
+    except (OSError, RuntimeError) as exc:  # safetensors raises its own error (a RuntimeError subclass)
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+@torch.inference_mode()
+def build_runtime(settings: WorkerSettings) -> Runtime:
+    """Load model, tokenizer and personas, and compute every persona's prompt state once."""
+    book = load_personas(settings.personas_dir)
+    kind, source, files = checkpoint_files(settings)
+    book.check_voices(files.voices_dir)
+    device, dtype = resolve_device(settings.worker_device, settings.worker_dtype)
+    lm_cfg, mimi_cfg = detect_configs(files)
+    slots = settings.worker_max_slots
+    started = time.perf_counter()
+    lm = loading.load_lm(files.lm, lm_cfg, max_slots=slots, device=device, dtype=dtype)
+    mimi = loading.load_mimi(files.mimi, mimi_cfg, max_slots=slots, device=device, dtype=torch.float32)
+    tokenizer = loading.load_tokenizer(files.tokenizer, lm_cfg)
+    if mimi_cfg.frame_size != FRAME_SAMPLES:
+        raise CheckpointError(f"{files.mimi}: Mimi frame of {mimi_cfg.frame_size} samples, need {FRAME_SAMPLES}")
+    logger.info(
+        "loaded %s model (%s) on %s/%s for %d slots in %.1f s",
+        kind, source, device, str(dtype).removeprefix("torch."), slots, time.perf_counter() - started,
+    )
+
+    role_tokens: dict[str, list[int]] = {}
+    voices: dict[str, prompts.Voice] = {}
+    states: dict[str, SlotState] = {}
+    prompt_ms: dict[str, float] = {}
+    scratch = 0  # every slot is free at start; the scratch slot is reset after use
+    for persona_id, persona in book.personas.items():
+        role_tokens[persona_id] = tokenizer.encode(prompts.wrap_system(persona.prompt))
+        voices[persona_id] = loading.load_voice(persona.voice_path(files.voices_dir), lm_cfg, mimi)
+        t0 = time.perf_counter()
+        states[persona_id] = prompts.build_prompt_state(lm, scratch, role_tokens[persona_id], voices[persona_id])
+        _sync(device)
+        prompt_ms[persona_id] = (time.perf_counter() - t0) * 1000
+        logger.info(
+            "persona %s: prompt of %d frames (%d text tokens) computed in %.0f ms",
+            persona_id, int(states[persona_id].offset), len(role_tokens[persona_id]), prompt_ms[persona_id],
+        )
+    lm.reset(scratch)
+    mimi.reset(torch.tensor([scratch], dtype=torch.long))
+    return Runtime(
+        kind=kind,
+        source=source,
+        device=device,
+        dtype=dtype,
+        lm=lm,
+        mimi=mimi,
+        tokenizer=tokenizer,
+        personas=book,
+        role_tokens=role_tokens,
+        voices=voices,
+        prompt_states=states,
+        prompt_ms=prompt_ms,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

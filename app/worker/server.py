@@ -1,0 +1,405 @@
+"""`callcenter worker`: WS /v1/session (one call per session), GET /healthz, GET /metrics.
+
+A session: the gateway connects with `Authorization: Bearer $WORKER_TOKEN` (anything else is refused
+with HTTP 403 before the socket is accepted), sends `Start`, gets `Ready` once its persona is loaded
+into a slot (or `Error` unknown_persona / busy, then close), then streams caller frames (binary,
+exactly one 80 ms PCM16 frame each) and receives one bot frame per caller frame plus `Text`. `End`
+answers the frames still queued, sends `Ended` and closes; a dropped socket frees the slot at once.
+The worker registers in Redis at start, heartbeats with its used slot count and unregisters at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+
+import uvicorn
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
+
+from app.callstate import CallStore, connect_redis
+from app.config import WorkerSettings
+from app.protocol import (
+    SESSION_PATH,
+    End,
+    Ended,
+    Error,
+    ProtocolError,
+    Ready,
+    Start,
+    check_frame,
+    decode_client,
+    encode,
+)
+from app.worker.engine import Engine, Output
+from app.worker.metrics import CONTENT_TYPE, WorkerMetrics
+from app.worker.runtime import Runtime, UnknownPersona, build_runtime
+from app.worker.scheduler import Lease
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0  # the gateway must say Start this soon after connecting
+READY_TIMEOUT_S = 30.0  # joins are applied between ticks; this only catches a wedged engine
+DRAIN_TIMEOUT_S = 5.0  # after End: time for the queued frames and Ended to go out
+OUTBOX_FRAMES = 64  # bot frames buffered toward a slow reader before the oldest is dropped
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+_CLOSE_FOR_ERROR = {
+    "bad_request": CLOSE_INVALID_DATA,
+    "unknown_persona": CLOSE_POLICY,
+    "busy": CLOSE_TRY_AGAIN,
+    "unauthorized": CLOSE_POLICY,
+    "internal": CLOSE_INTERNAL,
+    "shutting_down": CLOSE_GOING_AWAY,
+}
+
+
+def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
+    """The worker's FastAPI app around a loaded `Runtime`; the engine thread lives with the app."""
+    worker_id = settings.resolved_worker_id
+    metrics = WorkerMetrics(runtime.max_slots)
+    engine = Engine(
+        runtime, worker_id=worker_id, max_queue_frames=settings.worker_max_queue_frames, metrics=metrics
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis, embedded = await connect_redis(settings)
+        store = CallStore(redis)
+        engine.start()
+        heartbeat: asyncio.Task[None] | None = None
+        stopping = asyncio.Event()
+        try:
+            await store.register_worker(worker_id, settings.resolved_worker_url, runtime.max_slots)
+            logger.info(
+                "worker %s registered at %s with %d slots", worker_id, settings.resolved_worker_url, runtime.max_slots
+            )
+            heartbeat = asyncio.create_task(
+                _heartbeat(store, engine, worker_id, settings.worker_heartbeat_s, stopping)
+            )
+            app.state.store = store
+            yield
+        finally:
+            stopping.set()
+            if heartbeat is not None:
+                try:  # a heartbeat in flight may finish; one stuck on Redis is cancelled
+                    await asyncio.wait_for(heartbeat, settings.worker_heartbeat_s + 5.0)
+                except TimeoutError:
+                    logger.warning("heartbeat task of worker %s did not stop in time", worker_id)
+            try:
+                await store.unregister_worker(worker_id)
+            except (RedisError, OSError) as exc:
+                logger.warning("could not unregister worker %s: %s", worker_id, exc)
+            await asyncio.to_thread(engine.stop)
+            await redis.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.close)
+
+    app = FastAPI(title="callcenter worker", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.runtime = runtime
+
+    @app.websocket(SESSION_PATH)
+    async def session(ws: WebSocket) -> None:
+        if not _authorized(ws.headers.get("authorization"), settings.worker_token):
+            client = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+            logger.warning("session from %s refused: missing or wrong bearer token", client)
+            metrics.sessions.labels(outcome="unauthorized").inc()
+            await ws.close(code=CLOSE_POLICY)  # before accept: the client gets HTTP 403
+            return
+        await ws.accept()
+        await _Session(ws, engine, metrics).run()
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        st = engine.scheduler.stats()
+        ticks = engine.stats()
+        body = {
+            "status": "ok" if ticks.running else "engine_stopped",
+            "worker_id": worker_id,
+            "url": settings.resolved_worker_url,
+            "model": {
+                "kind": runtime.kind,
+                "source": runtime.source,
+                "device": str(runtime.device),
+                "dtype": str(runtime.dtype).removeprefix("torch."),
+                "makes_noise_only": runtime.kind == "tiny",
+            },
+            "personas": sorted(runtime.prompt_states),
+            "slots": {
+                "max": st.max_slots,
+                "used": st.used,
+                "free": st.free,
+                "prefilling": st.prefilling,
+                "active": st.active,
+                "draining": st.draining,
+            },
+            "frames": {"in": st.frames_in, "run": st.frames_run, "dropped": st.frames_dropped},
+            "ticks": asdict(ticks),
+        }
+        return JSONResponse(body, status_code=200 if ticks.running else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _authorized(header: str | None, token: str) -> bool:
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), token.encode())
+
+
+async def _heartbeat(
+    store: CallStore, engine: Engine, worker_id: str, every_s: float, stopping: asyncio.Event
+) -> None:
+    """Every `every_s` seconds: this worker is alive with this many slots in use (until `stopping`)."""
+    while not stopping.is_set():
+        try:
+            await asyncio.wait_for(stopping.wait(), every_s)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await store.heartbeat(worker_id, engine.scheduler.stats().used)
+        except (RedisError, OSError) as exc:
+            logger.warning("heartbeat of worker %s failed: %s", worker_id, exc)
+
+
+class _Outbox:
+    """Engine -> session hand-off: `sink` runs on the engine thread, the session reads on its loop.
+
+    Bounded: past OUTBOX_FRAMES queued items the oldest bot frame is dropped (counted); control
+    messages are never dropped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics) -> None:
+        self._loop = loop
+        self._metrics = metrics
+        self._items: deque[Output] = deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def sink(self, item: Output) -> None:
+        self._loop.call_soon_threadsafe(self._put, item)
+
+    def _put(self, item: Output) -> None:
+        if len(self._items) >= OUTBOX_FRAMES:
+            for i, queued in enumerate(self._items):
+                if isinstance(queued, bytes):
+                    del self._items[i]
+                    self.dropped += 1
+                    self._metrics.output_dropped.inc()
+                    break
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> Output:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+class _Session:
+    """One call on WS /v1/session."""
+
+    def __init__(self, ws: WebSocket, engine: Engine, metrics: WorkerMetrics) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.metrics = metrics
+        self.outbox = _Outbox(asyncio.get_running_loop(), metrics)
+        self.lease: Lease | None = None
+        self.call_id = "?"
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    async def run(self) -> None:
+        sender: asyncio.Task[None] | None = None
+        try:
+            start = await self._start()
+            if start is None or not await self._open(start):
+                return
+            sender = asyncio.create_task(self._send_loop())
+            ended = await self._receive_loop()
+            if ended:
+                try:
+                    await asyncio.wait_for(asyncio.shield(sender), DRAIN_TIMEOUT_S)
+                except TimeoutError:
+                    logger.warning("call %s: no Ended within %.0f s after End", self.call_id, DRAIN_TIMEOUT_S)
+        except Exception:
+            logger.exception("call %s: session failed", self.call_id)
+            await self._fail(Error(code="internal", message="worker session error"))
+        finally:
+            if self.lease is not None:
+                self.engine.abort(self.lease)  # no-op once the slot was released
+            if sender is not None and not sender.done():
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+
+    async def _start(self) -> Start | None:
+        try:
+            message = await asyncio.wait_for(self.ws.receive(), START_TIMEOUT_S)
+        except TimeoutError:
+            await self._fail(Error(code="bad_request", message=f"no start message within {START_TIMEOUT_S:.0f} s"))
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        text = message.get("text")
+        if text is None:
+            await self._fail(Error(code="bad_request", message="the first message must be a JSON start message"))
+            return None
+        try:
+            start = decode_client(text)
+        except ProtocolError as exc:
+            await self._fail(Error(code="bad_request", message=str(exc)))
+            return None
+        if not isinstance(start, Start):
+            await self._fail(Error(code="bad_request", message=f"expected start, got {start.type}"))
+            return None
+        self.call_id = start.call_id
+        return start
+
+    async def _open(self, start: Start) -> bool:
+        try:
+            lease = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink)
+        except UnknownPersona:
+            logger.warning("call %s: unknown persona %r", start.call_id, start.persona)
+            self.metrics.sessions.labels(outcome="unknown_persona").inc()
+            await self._fail(Error(code="unknown_persona", message=f"persona {start.persona!r} is not served here"))
+            return False
+        if lease is None:
+            logger.warning("call %s refused: all %d slots are in use", start.call_id, self.engine.runtime.max_slots)
+            self.metrics.sessions.labels(outcome="busy").inc()
+            await self._fail(Error(code="busy", message="no free call slot on this worker"))
+            return False
+        self.lease = lease
+        try:
+            first = await asyncio.wait_for(self.outbox.get(), READY_TIMEOUT_S)
+        except TimeoutError:
+            logger.error("call %s: slot %d not ready within %.0f s", start.call_id, lease.slot, READY_TIMEOUT_S)
+            await self._fail(Error(code="internal", message="the engine did not load the call in time"))
+            return False
+        if not isinstance(first, Ready):
+            await self._deliver(first)
+            return False
+        await self._send_text(encode(first))
+        return True
+
+    async def _receive_loop(self) -> bool:
+        """Caller frames into the engine until End (True) or a disconnect / bad input (False)."""
+        lease = self.lease
+        if lease is None:
+            raise RuntimeError("receive loop without a slot")
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                logger.info("call %s: gateway disconnected (code %s)", self.call_id, message.get("code"))
+                return False
+            data = message.get("bytes")
+            if data is not None:
+                try:
+                    self.engine.push(lease, check_frame(data))
+                except ProtocolError as exc:
+                    logger.warning("call %s: %s", self.call_id, exc)
+                    self.engine.abort(lease)
+                    await self._fail(Error(code="bad_request", message=str(exc)))
+                    return False
+                continue
+            try:
+                control = decode_client(message.get("text") or "")
+            except ProtocolError as exc:
+                logger.warning("call %s: %s", self.call_id, exc)
+                self.engine.abort(lease)
+                await self._fail(Error(code="bad_request", message=str(exc)))
+                return False
+            if isinstance(control, End):
+                logger.info("call %s: end (%s)", self.call_id, control.reason)
+                self.engine.end(lease, control.reason)
+                return True
+            self.engine.abort(lease)
+            await self._fail(Error(code="bad_request", message="start may only be sent once"))
+            return False
+
+    async def _send_loop(self) -> None:
+        while not self._closed:
+            item = await self.outbox.get()
+            await self._deliver(item)
+            if isinstance(item, (Ended, Error)):
+                return
+
+    async def _deliver(self, item: Output) -> None:
+        if isinstance(item, bytes):
+            await self._send_bytes(item)
+        elif isinstance(item, Ended):
+            await self._send_text(encode(item))
+            await self._close(CLOSE_NORMAL)
+        elif isinstance(item, Error):
+            await self._fail(item)
+        else:
+            await self._send_text(encode(item))
+
+    async def _fail(self, error: Error) -> None:
+        """Send an Error and close with the matching code (once)."""
+        await self._send_text(encode(error))
+        await self._close(_CLOSE_FOR_ERROR.get(error.code, CLOSE_INTERNAL))
+
+    async def _send_text(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def _send_bytes(self, data: bytes) -> None:
+        await self._send({"type": "websocket.send", "bytes": data})
+
+    async def _close(self, code: int) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": ""})
+
+    async def _send(self, message: dict) -> None:
+        """Send unless closed; a peer that has gone away just marks the session closed."""
+        async with self._send_lock:
+            if self._closed:
+                return
+            if message["type"] == "websocket.close":
+                self._closed = True
+            try:
+                await self.ws.send(message)
+            except (WebSocketDisconnect, RuntimeError) as exc:  # the gateway went away meanwhile
+                self._closed = True
+                logger.info("call %s: gateway gone while sending (%s)", self.call_id, type(exc).__name__)
+
+
+def run_worker(settings: WorkerSettings, runtime: Runtime | None = None) -> None:
+    """Load the model (unless given) and serve the worker with uvicorn until interrupted."""
+    runtime = runtime if runtime is not None else build_runtime(settings)
+    app = create_app(settings, runtime)
+    logger.info("worker %s listening on %s:%d", settings.resolved_worker_id, settings.worker_host, settings.worker_port)
+    uvicorn.run(
+        app,
+        host=settings.worker_host,
+        port=settings.worker_port,
+        lifespan="on",
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A listening-ready TCP socket on a free port (for tests and `callcenter up`)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock

@@ -1,0 +1,269 @@
+"""The engine on the tiny model: one bot frame per caller frame, cached joins, isolation of rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.protocol import FRAME_BYTES, Ended, Error, Ready, Sampling, Text
+from app.worker.engine import Engine, TickResult
+from app.worker.metrics import WorkerMetrics
+from app.worker.runtime import Runtime, UnknownPersona
+from app.worker.scheduler import Lease, SlotPhase
+
+PERSONA = "waste-management"
+
+
+def caller_frames(n: int, seed: int = 0) -> list[bytes]:
+    """n frames of noisy 'speech' (PCM16)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n * 1920) / 24000
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    audio = 0.2 * np.sin(2 * np.pi * 180 * t) * envelope + 0.02 * rng.standard_normal(t.shape)
+    pcm = (audio * 32767).astype("<i2")
+    return [pcm[i * 1920 : (i + 1) * 1920].tobytes() for i in range(n)]
+
+
+class Outbox:
+    """A sink that records what the engine delivers."""
+
+    def __init__(self) -> None:
+        self.items: list[object] = []
+        self.event = threading.Event()
+
+    def __call__(self, item: object) -> None:
+        self.items.append(item)
+        self.event.set()
+
+    def of(self, kind: type) -> list:
+        return [i for i in self.items if isinstance(i, kind)]
+
+
+def make_engine(runtime: Runtime, **kw) -> Engine:
+    return Engine(runtime, worker_id="w-test", max_queue_frames=kw.pop("max_queue_frames", 8), **kw)
+
+
+def open_call(engine: Engine, call_id: str, seed: int, persona: str = PERSONA) -> tuple[Lease, Outbox]:
+    out = Outbox()
+    lease = engine.open(call_id, persona, Sampling(seed=seed), out)
+    assert lease is not None
+    return lease, out
+
+
+def run_ticks(engine: Engine, lease: Lease, frames: list[bytes]) -> list[TickResult]:
+    results = []
+    for f in frames:
+        assert engine.push(lease, f)
+        results.append(engine.step())
+    return results
+
+
+def row(result: TickResult, slot: int) -> tuple[int, list[int], bytes]:
+    i = result.slots.index(slot)
+    return result.text[i], result.audio[i].tolist(), result.pcm[i]
+
+
+def test_a_call_gets_ready_then_one_bot_frame_per_caller_frame(runtime: Runtime) -> None:
+    metrics = WorkerMetrics(runtime.max_slots)
+    engine = make_engine(runtime, metrics=metrics)
+    lease, out = open_call(engine, "call-1", seed=1)
+    engine.step()  # between ticks: the persona state is copied into the slot
+    (ready,) = out.of(Ready)
+    assert (ready.call_id, ready.slot, ready.worker_id) == ("call-1", lease.slot, "w-test")
+    assert 0 <= ready.prefill_ms < 1000
+    frames = caller_frames(6)
+    for i, f in enumerate(frames):
+        engine.push(lease, f)
+        result = engine.step()
+        assert result.slots == [lease.slot]
+        assert len(out.of(bytes)) == i + 1
+    bot = out.of(bytes)
+    assert all(len(b) == FRAME_BYTES for b in bot)
+    assert any(np.frombuffer(b, "<i2").any() for b in bot)  # the tiny model makes (noise) audio
+    assert engine.step().slots == []  # no caller frame queued: the slot does not run, no output
+    assert len(out.of(bytes)) == 6
+    for text in out.of(Text):
+        assert text.text and "▁" not in text.text
+        assert 0 <= text.frame < 6
+    engine.end(lease, "caller_hangup")
+    engine.step()
+    (ended,) = out.of(Ended)
+    assert (ended.reason, ended.frames_in, ended.frames_out) == ("caller_hangup", 6, 6)
+    assert engine.scheduler.phase(lease.slot) is SlotPhase.FREE
+    rendered = metrics.render().decode()
+    assert "worker_frames_out_total 6.0" in rendered
+    assert "worker_frames_in_total 6.0" in rendered
+
+
+def test_text_tokens_become_pieces_without_padding(runtime: Runtime) -> None:
+    assert runtime.text_piece(0) is None and runtime.text_piece(3) is None
+    pieces = [runtime.text_piece(i) for i in range(4, runtime.tokenizer.vocab_size())]
+    assert all(p is not None and "▁" not in p for p in pieces)
+    spaced = [i for i in range(runtime.tokenizer.vocab_size()) if runtime.tokenizer.id_to_piece(i).startswith("▁")]
+    assert spaced and runtime.text_piece(spaced[0]).startswith(" ")
+
+
+def test_end_answers_the_frames_still_queued(runtime: Runtime) -> None:
+    engine = make_engine(runtime)
+    lease, out = open_call(engine, "call-drain", seed=2)
+    engine.step()
+    for f in caller_frames(3):
+        engine.push(lease, f)
+    engine.end(lease)
+    for _ in range(4):
+        engine.step()
+    assert len(out.of(bytes)) == 3
+    (ended,) = out.of(Ended)
+    assert (ended.frames_in, ended.frames_out) == (3, 3)
+
+
+def test_abort_frees_the_slot_without_answering(runtime: Runtime) -> None:
+    engine = make_engine(runtime)
+    lease, out = open_call(engine, "call-abort", seed=3)
+    engine.step()
+    for f in caller_frames(3):
+        engine.push(lease, f)
+    engine.abort(lease)
+    engine.step()
+    assert out.of(bytes) == []
+    assert out.of(Ended)[0].reason == "aborted"
+    assert engine.scheduler.stats().free == runtime.max_slots
+
+
+def test_a_slot_filled_from_the_persona_cache_behaves_like_one_prefilled_in_place(runtime: Runtime) -> None:
+    frames = caller_frames(10, seed=5)
+
+    engine = make_engine(runtime)
+    lease, _ = open_call(engine, "cached", seed=11)
+    engine.step()  # join = reset + import of the cached state + sampling
+    cached = [row(r, lease.slot) for r in run_ticks(engine, lease, frames)]
+    engine.abort(lease)
+    engine.step()
+
+    engine = make_engine(runtime)
+    lease, _ = open_call(engine, "in-place", seed=11)
+    engine.step()
+    # Overwrite the cached join with the full prompt prefill run in this very slot.
+    runtime.prefill_in_place(lease.slot, PERSONA, Sampling(seed=11))
+    in_place = [row(r, lease.slot) for r in run_ticks(engine, lease, frames)]
+    engine.abort(lease)
+    engine.step()
+
+    assert [c[0] for c in cached] == [p[0] for p in in_place]  # text tokens
+    assert [c[1] for c in cached] == [p[1] for p in in_place]  # audio codes
+    assert [c[2] for c in cached] == [p[2] for p in in_place]  # bot PCM, bit for bit
+
+
+def test_other_calls_are_unaffected_by_a_join_and_a_leave(runtime: Runtime) -> None:
+    frames_a = caller_frames(9, seed=7)
+    frames_b = caller_frames(9, seed=8)
+
+    engine = make_engine(runtime)
+    a, _ = open_call(engine, "a-alone", seed=21)
+    engine.step()
+    alone = [row(r, a.slot) for r in run_ticks(engine, a, frames_a)]
+    engine.abort(a)
+    engine.step()
+
+    engine = make_engine(runtime)
+    a, _ = open_call(engine, "a-shared", seed=21)
+    engine.step()
+    shared = []
+    b = None
+    for i, f in enumerate(frames_a):
+        if i == 3:  # B joins right before tick 3, with another persona
+            b, _ = open_call(engine, "b", seed=22, persona="restaurant-orders")
+        if b is not None and 3 <= i < 6:
+            engine.push(b, frames_b[i])
+        if i == 6:
+            engine.end(b)
+        engine.push(a, f)
+        result = engine.step()
+        if 3 <= i < 6:
+            assert len(result.slots) == 2  # both calls ran in the same batched tick
+        shared.append(row(result, a.slot))
+    assert b is not None and b.slot != a.slot
+    assert engine.scheduler.phase(b.slot) is SlotPhase.FREE
+    assert shared == alone
+
+
+def test_unknown_persona_and_busy(runtime: Runtime) -> None:
+    engine = make_engine(runtime)
+    with pytest.raises(UnknownPersona):
+        engine.open("x", "no-such-persona", None, Outbox())
+    leases = [engine.open(f"c{i}", PERSONA, None, Outbox()) for i in range(runtime.max_slots)]
+    assert all(lease is not None for lease in leases)
+    assert engine.open("one-too-many", PERSONA, None, Outbox()) is None
+    for lease in leases:
+        engine.abort(lease)
+    engine.step()
+    assert engine.scheduler.stats().free == runtime.max_slots
+
+
+def test_a_failing_join_reports_an_error_and_frees_the_slot(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(runtime)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runtime, "join_slot", broken)
+    lease, out = open_call(engine, "broken", seed=1)
+    engine.step()
+    engine.step()
+    (error,) = out.of(Error)
+    assert error.code == "internal" and "boom" in error.message
+    assert out.of(Ready) == []
+    assert engine.scheduler.phase(lease.slot) is SlotPhase.FREE
+
+
+def test_the_thread_ticks_on_a_fixed_grid_and_does_not_burst_after_an_overrun(runtime: Runtime) -> None:
+    period = 0.08
+    engine = make_engine(runtime, tick_s=period)
+    stamps: list[float] = []
+    original = engine._tick
+
+    def timed_tick() -> TickResult:
+        stamps.append(time.monotonic())
+        if len(stamps) == 3:
+            time.sleep(2.5 * period)  # this tick overruns by more than two periods
+        return original()
+
+    engine._tick = timed_tick  # type: ignore[method-assign]
+    engine.start()
+    try:
+        lease, out = open_call(engine, "threaded", seed=4)
+        assert out.event.wait(2.0)
+        assert isinstance(out.items[0], Ready)
+        while len(stamps) < 5:
+            time.sleep(0.01)
+        for f in caller_frames(3):  # a burst of three frames: answered one per tick
+            engine.push(lease, f)
+        while len(stamps) < 10:
+            time.sleep(0.01)
+        assert len(out.of(bytes)) == 3
+    finally:
+        engine.stop()
+    assert not engine.running
+    stats = engine.stats()
+    assert stats.overruns == 1
+    assert stats.busy_ticks == 3
+    gaps = np.diff(stamps)
+    # After the overrun: one late tick at once, then back on the grid; never a burst of catch-up ticks.
+    assert gaps[2] >= 2.5 * period
+    assert (gaps[3:] > 0.3 * period).all()
+    # No drift: the ticks after the overrun stay on the original grid.
+    phase = (np.array(stamps[4:]) - stamps[0]) / period
+    assert np.abs(phase - np.round(phase)).max() < 0.3
+
+
+def test_stop_tells_open_calls_the_worker_is_shutting_down(runtime: Runtime) -> None:
+    engine = make_engine(runtime)
+    engine.start()
+    lease, out = open_call(engine, "left-open", seed=1)
+    assert out.event.wait(2.0)
+    engine.stop()
+    assert isinstance(out.items[-1], Error) and out.items[-1].code == "shutting_down"
+    assert engine.open("late", PERSONA, None, Outbox()) is None
