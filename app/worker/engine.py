@@ -38,6 +38,20 @@ _OVERRUN_LOG_EVERY_S = 5.0
 _TICK_HISTORY = 512
 
 
+def next_grid_point(deadline: float, now: float, period: float) -> tuple[float, float | None]:
+    """The next tick time after the tick due at `deadline` finished at `now`.
+
+    Ticks stay on the grid deadline + k * period (no drift). If the tick overran, the grid points
+    already missed are skipped (no catch-up burst): the next tick is the latest missed grid point,
+    so it runs at once, and the overrun (seconds behind) is returned; otherwise None.
+    """
+    nxt = deadline + period
+    if now <= nxt:
+        return nxt, None
+    behind = now - nxt
+    return nxt + (behind // period) * period, behind
+
+
 @dataclass
 class _Call:
     """Engine-side data of one call (the scheduler's payload)."""
@@ -201,11 +215,8 @@ class Engine:
                         self._wake.wait(next_tick - now)
                         continue
                     self._tick()
-                    next_tick += period
-                    now = time.monotonic()
-                    if now > next_tick:
-                        behind = now - next_tick
-                        next_tick += (behind // period) * period  # skip missed grid points, no burst
+                    next_tick, behind = next_grid_point(next_tick, time.monotonic(), period)
+                    if behind is not None:
                         self._overrun(behind)
                 except Exception:  # a bug here must not kill every call silently: log, keep serving
                     logger.exception("engine loop error; continuing")
