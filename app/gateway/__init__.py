@@ -1,0 +1,1 @@
+"""The gateway: Twilio webhooks and media streams, the admin API, health and metrics (see app.py)."""

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one gateway app (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveCollector(Collector):
+    """Values read at scrape time: active calls, and frames dropped including calls still running."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        live = self._metrics.live_stats()
+        active = GaugeMetricFamily("gateway_active_calls", "Calls with a media session on this gateway")
+        active.add_metric([], len(live))
+        yield active
+        dropped = CounterMetricFamily(
+            "gateway_frames_dropped", "Bot 80 ms frames dropped because the output queue was full"
+        )
+        dropped.add_metric([], self._metrics.frames_dropped_finished + sum(d for d in live))
+        yield dropped
+
+
+class GatewayMetrics:
+    """Counters and histograms the gateway updates; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Counter(
+            "gateway_calls",
+            "Calls that ended on this gateway, by final status and end reason",
+            ["status", "end_reason"],
+            registry=self.registry,
+        )
+        self.webhooks = Counter(
+            "gateway_twilio_requests",
+            "Twilio webhooks and streams by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.bad_messages = Counter(
+            "gateway_twilio_bad_messages",
+            "Malformed or unknown Twilio media-stream messages (ignored)",
+            registry=self.registry,
+        )
+        self.pickup = Histogram(
+            "gateway_pickup_seconds",
+            "From the media stream's start to the first bot audio pushed toward the caller",
+            buckets=(0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
+        self.frames_dropped_finished = 0
+        self._live: Callable[[], list[int]] = list
+        self.registry.register(_LiveCollector(self))
+
+    def watch_live(self, frames_dropped_of_live_calls: Callable[[], list[int]]) -> None:
+        """Where to read the live calls from: one frames-dropped count per active call."""
+        self._live = frames_dropped_of_live_calls
+
+    def live_stats(self) -> list[int]:
+        return self._live()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

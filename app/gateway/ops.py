@@ -1,0 +1,49 @@
+"""Operations endpoints: liveness, readiness (Redis and a live worker) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from app.gateway.metrics import CONTENT_TYPE
+from app.gateway.state import gateway_state
+
+logger = logging.getLogger(__name__)
+
+
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Ready to take calls: Redis answers and at least one worker is alive."""
+    store = gateway_state(request).store
+    try:
+        await store.redis.ping()
+        workers = [w for w in await store.workers() if w.alive]
+    except (RedisError, OSError) as exc:
+        logger.warning("readyz: redis unreachable: %r", exc)
+        return JSONResponse({"ready": False, "redis": False, "reason": f"redis unreachable: {exc}"}, status_code=503)
+    free = sum(max(w.max_slots - w.reserved, 0) for w in workers)
+    body = {"ready": bool(workers), "redis": True, "live_workers": len(workers), "free_slots": free}
+    if not workers:
+        body["reason"] = "no live worker"
+    return JSONResponse(body, status_code=200 if workers else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(content=gateway_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+def build_router() -> APIRouter:
+    """GET /healthz, /readyz and /metrics."""
+    router = APIRouter(tags=["ops"])
+    router.add_api_route("/healthz", healthz, methods=["GET"])
+    router.add_api_route("/readyz", readyz, methods=["GET"])
+    router.add_api_route("/metrics", metrics, methods=["GET"])
+    return router

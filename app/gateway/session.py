@@ -1,0 +1,211 @@
+"""One call's media session on the gateway: the record's lifecycle in Redis around a Pipecat pipeline.
+
+Channel-agnostic (Twilio today, WebRTC later): the channel builds the pipeline, the session runs it.
+
+    connecting (set by the channel before `run`) -> active on the worker's Ready -> ended:
+      stop from the caller          completed, caller_hangup
+      persona's max_call_seconds    completed, max_duration
+      worker lost / refused / busy  failed, worker_lost / error / busy
+      media stream dropped          failed, error ("closed without a stop message")
+
+Redis writes (transitions, DTMF, marks, the bot's text, timings) go through one queue and one
+writer task, in order, off the media path; the final transition is written after all of them.
+Records: pickup_ms (stream start -> first bot audio pushed), prefill_ms (from Ready),
+first_audio_ms (Ready -> first bot audio pushed), frames_in/out/dropped (80 ms frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+from app import protocol
+from app.callstate import TERMINAL, CallStatus, CallStore, EndReason, InvalidTransition
+from app.gateway.metrics import GatewayMetrics
+from app.pipecat.service import PersonaPlexService
+
+logger = logging.getLogger(__name__)
+
+_COMPLETED_REASONS = frozenset({EndReason.CALLER_HANGUP, EndReason.MAX_DURATION, EndReason.TRANSFER})
+_WRITER_DRAIN_S = 5.0
+
+Op = Callable[[], Awaitable[Any]]
+
+
+class CallSession:
+    """Runs one call's pipeline and keeps its Redis record in step."""
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        store: CallStore,
+        metrics: GatewayMetrics,
+        max_seconds: float,
+        started_at: float | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.store = store
+        self.metrics = metrics
+        self.max_seconds = max_seconds
+        self.started_at = started_at if started_at is not None else time.monotonic()  # stream start
+        self.end_reason: EndReason | None = None
+        self.error: str | None = None
+        self.service: PersonaPlexService | None = None
+        self._end_requested = asyncio.Event()
+        self._ops: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._writer: asyncio.Task | None = None
+        self.finished = asyncio.Event()
+
+    # ---------------------------------------------------------------- called from the pipeline
+    def request_end(self, reason: EndReason | None, error: str | None = None) -> None:
+        """End the call; the first reason given wins (None: the caller's side went away unannounced)."""
+        if reason is not None and self.end_reason is None:
+            self.end_reason = reason
+            self.error = error
+            logger.info("call %s: ending (%s)%s", self.call_id, reason.value, f": {error}" if error else "")
+        self._end_requested.set()
+
+    def note_event(self, kind: str, **data: Any) -> None:
+        """Append an event to the call's stream (written in order by the writer task)."""
+        self._ops.put_nowait(lambda: self.store.add_event(self.call_id, kind, **data))
+
+    def note_text(self, text: str) -> None:
+        self.note_event("text", text=text)
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.service.stats.frames_dropped if self.service is not None else 0
+
+    def attach(self, service: PersonaPlexService) -> None:
+        """Follow the service's session: Ready -> active, first audio -> pickup, failures -> end."""
+        self.service = service
+
+        @service.event_handler("on_ready")
+        async def _on_ready(_service: PersonaPlexService, ready: protocol.Ready) -> None:
+            self._ops.put_nowait(
+                lambda: self.store.transition(
+                    self.call_id,
+                    CallStatus.ACTIVE,
+                    worker_id=ready.worker_id,
+                    slot=ready.slot,
+                    prefill_ms=ready.prefill_ms,
+                )
+            )
+
+        @service.event_handler("on_first_audio")
+        async def _on_first_audio(svc: PersonaPlexService) -> None:
+            if svc.first_audio_at is None:
+                return
+            pickup_s = svc.first_audio_at - self.started_at
+            self.metrics.pickup.observe(pickup_s)
+            first_audio_ms = (svc.first_audio_at - svc.ready_at) * 1000 if svc.ready_at is not None else None
+            logger.info("call %s: first bot audio %.0f ms after the stream started", self.call_id, pickup_s * 1000)
+            self._ops.put_nowait(
+                lambda: self.store.update(
+                    self.call_id, pickup_ms=round(pickup_s * 1000, 1), first_audio_ms=_round(first_audio_ms)
+                )
+            )
+
+        @service.event_handler("on_session_ended")
+        async def _on_session_ended(_service: PersonaPlexService, reason: str, detail: str) -> None:
+            self.request_end(EndReason(reason), detail)
+
+    # ---------------------------------------------------------------- running
+    async def run(self, worker: PipelineWorker) -> None:
+        """Run the pipeline until the call ends, then write the final record."""
+        self._writer = asyncio.create_task(self._write(), name=f"call-{self.call_id}-writer")
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(worker)
+        run_task = asyncio.create_task(runner.run(), name=f"call-{self.call_id}-pipeline")
+        ended = asyncio.create_task(self._end_requested.wait(), name=f"call-{self.call_id}-end")
+        try:
+            done, _ = await asyncio.wait(
+                {run_task, ended}, timeout=self.max_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                self.request_end(EndReason.MAX_DURATION)
+            if not run_task.done():
+                await worker.cancel(reason=(self.end_reason or EndReason.CALLER_HANGUP).value)
+            await run_task
+        except asyncio.CancelledError:
+            logger.warning("call %s: session cancelled (gateway shutting down?)", self.call_id)
+            self.request_end(EndReason.ERROR, "gateway shut down during the call")
+            await worker.cancel(reason="shutdown")
+            raise
+        except Exception as exc:
+            logger.exception("call %s: pipeline failed", self.call_id)
+            self.request_end(EndReason.ERROR, f"pipeline failed: {exc!r}")
+        finally:
+            ended.cancel()
+            await asyncio.shield(self._finish())
+
+    async def _write(self) -> None:
+        while True:
+            op = await self._ops.get()
+            if op is None:
+                return
+            try:
+                await op()
+            except InvalidTransition as exc:  # e.g. a status callback ended the record meanwhile
+                logger.warning("call %s: %s", self.call_id, exc)
+            except Exception:  # one failed write must not stop the others
+                logger.exception("call %s: writing call state failed", self.call_id)
+
+    async def _finish(self) -> None:
+        service = self.service
+        stats = service.stats if service is not None else None
+        if service is not None and self.end_reason is None and service.end_reason is not None:
+            self.end_reason, self.error = service.end_reason, service.error
+        if self.end_reason is None:
+            self.end_reason, self.error = EndReason.ERROR, "media stream closed without a stop message"
+        status = CallStatus.COMPLETED if self.end_reason in _COMPLETED_REASONS else CallStatus.FAILED
+        self._ops.put_nowait(None)
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout=_WRITER_DRAIN_S)
+            except TimeoutError:
+                logger.error("call %s: call-state writes still pending after %.0f s", self.call_id, _WRITER_DRAIN_S)
+        fields: dict[str, Any] = {}
+        if stats is not None:
+            fields = {
+                "frames_in": stats.frames_in,
+                "frames_out": stats.frames_out,
+                "frames_dropped": stats.frames_dropped,
+            }
+        try:
+            record = await self.store.end_call(self.call_id, status, self.end_reason, error=self.error, **fields)
+            if record is not None:
+                self.metrics.calls.labels(status.value, self.end_reason.value).inc()
+            await self.store.release_slot(self.call_id)
+            logger.info(
+                "call %s: %s (%s)%s",
+                self.call_id,
+                status.value,
+                self.end_reason.value,
+                f" frames {fields}" if fields else "",
+            )
+        except Exception:
+            logger.exception("call %s: could not write the end of the call", self.call_id)
+        finally:
+            self.finished.set()
+
+
+async def fail_call(store: CallStore, call_id: str, reason: EndReason, error: str) -> None:
+    """End a call that never got a media session (logged; a record already ended is left alone)."""
+    try:
+        record = await store.get_call(call_id)
+        if record is not None and record.status not in TERMINAL:
+            await store.end_call(call_id, CallStatus.FAILED, reason, error=error)
+    except Exception:
+        logger.exception("call %s: could not record the failure (%s)", call_id, error)
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None

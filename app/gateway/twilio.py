@@ -1,0 +1,389 @@
+"""Twilio endpoints: the voice webhook, the media stream and status callbacks.
+
+POST /twilio/voice   TwiML: `<Connect><Stream url=wss://.../twilio/stream>` with the call id and
+                     persona as `<Parameter>`s; or, when no worker has a free slot, a polite busy
+                     message then `<Dial>` the overflow number or `<Hangup/>`.
+WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call.
+POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call.
+
+With TWILIO_AUTH_TOKEN set, all three require a valid X-Twilio-Signature (the stream on its upgrade
+request): otherwise 403 and nothing else happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request, Response, WebSocket
+from fastapi.responses import PlainTextResponse
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from app.callstate import TERMINAL, CallStatus, EndReason, InvalidTransition
+from app.gateway.pipeline import build_twilio_pipeline
+from app.gateway.security import websocket_url
+from app.gateway.serializer import GuardedTwilioSerializer
+from app.gateway.session import CallSession, fail_call
+from app.gateway.state import GatewayState, gateway_state
+from app.pipecat.service import PersonaPlexService
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH = "/twilio/stream"
+START_TIMEOUT_S = 10.0
+_CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+BUSY_MESSAGE = "Thank you for calling {name}. All of our lines are busy right now. Please call again later."
+TROUBLE_MESSAGE = "Sorry, we are having technical difficulties. Please call again later."
+
+
+def _twiml(response: VoiceResponse) -> Response:
+    return Response(content=str(response), media_type="application/xml")
+
+
+def _forbidden(state: GatewayState, endpoint: str) -> Response:
+    state.metrics.webhooks.labels(endpoint, "forbidden").inc()
+    return PlainTextResponse("forbidden: bad or missing X-Twilio-Signature\n", status_code=403)
+
+
+def _stream_url(state: GatewayState, request: Request) -> str:
+    if state.settings.public_url:
+        return websocket_url(state.settings.public_url.rstrip("/") + STREAM_PATH)
+    return websocket_url(str(request.base_url).rstrip("/") + STREAM_PATH)
+
+
+async def voice(request: Request) -> Response:
+    """Answer a call: connect it to a persona's media stream, or say busy."""
+    state = gateway_state(request)
+    form = await request.form()
+    if not state.signatures.check_webhook(request, form):
+        return _forbidden(state, "voice")
+    params = {k: v for k, v in form.items() if isinstance(v, str)}
+    to_number, from_number, call_sid = params.get("To"), params.get("From"), params.get("CallSid")
+    persona = state.personas.for_number(to_number)
+    call_id = call_sid if call_sid and _CALL_ID.match(call_sid) else f"call-{uuid.uuid4().hex}"
+    try:
+        ringing = await _ringing_record(state, call_id, persona.id, from_number, to_number, call_sid)
+        if not ringing:
+            state.metrics.webhooks.labels("voice", "duplicate").inc()
+            response = VoiceResponse()
+            response.hangup()
+            return _twiml(response)
+        if await state.store.free_slots() <= 0:
+            return await _busy(state, call_id, persona.name)
+    except (RedisError, OSError):
+        logger.exception("voice webhook for %s: call state unavailable", call_id)
+        state.metrics.webhooks.labels("voice", "error").inc()
+        response = VoiceResponse()
+        response.say(TROUBLE_MESSAGE)
+        response.hangup()
+        return _twiml(response)
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=_stream_url(state, request))
+    stream.parameter(name="call_id", value=call_id)
+    stream.parameter(name="persona", value=persona.id)
+    response.append(connect)
+    state.metrics.webhooks.labels("voice", "connect").inc()
+    logger.info("call %s from %s to %s: persona %s, connecting the stream", call_id, from_number, to_number, persona.id)
+    return _twiml(response)
+
+
+async def _ringing_record(
+    state: GatewayState,
+    call_id: str,
+    persona: str,
+    from_number: str | None,
+    to_number: str | None,
+    call_sid: str | None,
+) -> bool:
+    """Create the call's record (ringing); a retried webhook for a still-ringing call reuses it."""
+    try:
+        await state.store.create_call(
+            call_id,
+            channel="twilio",
+            persona=persona,
+            from_number=from_number,
+            to_number=to_number,
+            twilio_call_sid=call_sid,
+        )
+        return True
+    except InvalidTransition:
+        existing = await state.store.get_call(call_id)
+        if existing is not None and existing.status == CallStatus.RINGING:
+            logger.info("call %s: webhook repeated while ringing", call_id)
+            return True
+        logger.warning(
+            "call %s: webhook for a call already %s, hanging up", call_id, existing.status if existing else "?"
+        )
+        return False
+
+
+async def _busy(state: GatewayState, call_id: str, persona_name: str) -> Response:
+    response = VoiceResponse()
+    response.say(BUSY_MESSAGE.format(name=persona_name))
+    overflow = state.settings.overflow_number
+    if overflow:
+        response.dial(overflow)
+    else:
+        response.hangup()
+    await state.store.end_call(call_id, CallStatus.REJECTED, EndReason.BUSY, error="no worker has a free slot")
+    state.metrics.calls.labels(CallStatus.REJECTED.value, EndReason.BUSY.value).inc()
+    state.metrics.webhooks.labels("voice", "busy").inc()
+    logger.warning("call %s: no free slot, %s", call_id, f"dialling {overflow}" if overflow else "hanging up")
+    return _twiml(response)
+
+
+async def status_callback(request: Request) -> Response:
+    """Record a call status callback; a final status ends a call that is still open."""
+    state = gateway_state(request)
+    form = await request.form()
+    if not state.signatures.check_webhook(request, form):
+        return _forbidden(state, "status")
+    call_sid, call_status = form.get("CallSid"), form.get("CallStatus")
+    if not isinstance(call_sid, str) or not isinstance(call_status, str):
+        return PlainTextResponse("CallSid and CallStatus are required\n", status_code=400)
+    state.metrics.webhooks.labels("status", call_status).inc()
+    record = await state.store.get_call(call_sid) if _CALL_ID.match(call_sid) else None
+    if record is None:
+        logger.info("status %s for unknown call %s: ignored", call_status, call_sid)
+        return Response(status_code=204)
+    duration = form.get("CallDuration")
+    await state.store.add_event(
+        record.call_id, "twilio_status", status=call_status, duration=duration if isinstance(duration, str) else None
+    )
+    if call_status in _FINAL_STATUSES and record.status not in TERMINAL:
+        reason = EndReason.CALLER_HANGUP if call_status == "completed" else EndReason.ERROR
+        session = state.sessions.get(record.call_id)
+        if session is not None:
+            session.request_end(reason, None if call_status == "completed" else f"twilio status {call_status}")
+        else:
+            status = CallStatus.COMPLETED if call_status == "completed" else CallStatus.FAILED
+            error = None if call_status == "completed" else f"twilio status {call_status}"
+            if await state.store.end_call(record.call_id, status, reason, error=error) is not None:
+                state.metrics.calls.labels(status.value, reason.value).inc()
+            await state.store.release_slot(record.call_id)
+            logger.info("call %s: ended by twilio status %s", record.call_id, call_status)
+    return Response(status_code=204)
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    stream_sid: str
+    call_sid: str | None
+    call_id: str | None
+    persona: str | None
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    """One call's Twilio media stream, from the signed upgrade to the end of the call."""
+    state = gateway_state(websocket)
+    if not state.signatures.check_stream(websocket):
+        state.metrics.webhooks.labels("stream", "forbidden").inc()
+        await websocket.send_denial_response(
+            PlainTextResponse("forbidden: bad or missing X-Twilio-Signature\n", status_code=403)
+        )
+        return
+    await websocket.accept()
+    start = await _read_start(websocket, state)
+    if start is None:
+        await _close(websocket, 1008)
+        return
+    stream_started = time.monotonic()
+    try:
+        session = await _open_session(state, start, stream_started)
+    except (RedisError, OSError):
+        logger.exception("stream %s: call state unavailable", start.stream_sid)
+        session = None
+    if session is None:
+        state.metrics.webhooks.labels("stream", "rejected").inc()
+        await _close(websocket, 1008)
+        return
+    state.metrics.webhooks.labels("stream", "started").inc()
+    await _run_call(websocket, state, session, start)
+
+
+async def _read_start(websocket: WebSocket, state: GatewayState) -> StreamStart | None:
+    """Read up to Twilio's `start` message (after `connected`); None if the stream never starts."""
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    logger.info("twilio stream closed before its start message")
+                    return None
+                data = message.get("text") or message.get("bytes") or b""
+                try:
+                    parsed = json.loads(data)
+                except (ValueError, TypeError):
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    state.metrics.bad_messages.inc()
+                    logger.warning("twilio stream: ignoring a message before start that is not a JSON object")
+                    continue
+                event = parsed.get("event")
+                if event == "connected":
+                    continue
+                if event == "start":
+                    start = _parse_start(parsed)
+                    if start is not None:
+                        return start
+                    state.metrics.bad_messages.inc()
+                    logger.warning("twilio stream: start message without a streamSid: %.200s", data)
+                    continue
+                if event == "stop":
+                    return None
+                state.metrics.bad_messages.inc()
+                logger.warning("twilio stream: ignoring %r before start", event)
+    except TimeoutError:
+        logger.warning("twilio stream: no start message within %.0f s", START_TIMEOUT_S)
+    except WebSocketDisconnect:
+        logger.info("twilio stream closed before its start message")
+    return None
+
+
+def _parse_start(message: dict[str, Any]) -> StreamStart | None:
+    start = message.get("start")
+    if not isinstance(start, dict):
+        return None
+    stream_sid = start.get("streamSid") or message.get("streamSid")
+    if not isinstance(stream_sid, str) or not stream_sid:
+        return None
+    custom = start.get("customParameters")
+    custom = custom if isinstance(custom, dict) else {}
+    media_format = start.get("mediaFormat")
+    if isinstance(media_format, dict) and (
+        media_format.get("encoding") not in (None, "audio/x-mulaw")
+        or media_format.get("sampleRate") not in (None, 8000)
+    ):
+        logger.warning("twilio stream %s: unexpected media format %s (expecting μ-law 8 kHz)", stream_sid, media_format)
+    call_sid = start.get("callSid")
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) and value else None
+
+    return StreamStart(
+        stream_sid=stream_sid,
+        call_sid=text(call_sid),
+        call_id=text(custom.get("call_id")),
+        persona=text(custom.get("persona")),
+    )
+
+
+async def _open_session(state: GatewayState, start: StreamStart, stream_started: float) -> CallSession | None:
+    """The call's record moved to connecting, or None when this stream must not go on."""
+    call_id = start.call_id or start.call_sid or f"call-{uuid.uuid4().hex}"
+    if not _CALL_ID.match(call_id):
+        logger.warning("stream %s: invalid call id %r", start.stream_sid, call_id[:80])
+        return None
+    if call_id in state.sessions:
+        logger.warning("call %s: a media stream is already running, rejecting a second one", call_id)
+        return None
+    record = await state.store.get_call(call_id)
+    if record is not None and record.status != CallStatus.RINGING:
+        logger.warning("call %s: stream for a call already %s, rejecting it", call_id, record.status.value)
+        return None
+    wanted = record.persona if record is not None else start.persona
+    persona = (state.personas.get(wanted) if wanted else None) or state.personas.for_number(None)
+    if wanted and persona.id != wanted:
+        logger.warning("call %s: unknown persona %r, using %s", call_id, wanted, persona.id)
+    if record is None:
+        logger.info("call %s: stream without a webhook record, creating it", call_id)
+        await state.store.create_call(call_id, channel="twilio", persona=persona.id, twilio_call_sid=start.call_sid)
+    try:
+        await state.store.transition(
+            call_id, CallStatus.CONNECTING, stream_sid=start.stream_sid, twilio_call_sid=start.call_sid
+        )
+    except InvalidTransition as exc:
+        logger.warning("call %s: %s", call_id, exc)
+        return None
+    session = CallSession(
+        call_id=call_id,
+        store=state.store,
+        metrics=state.metrics,
+        max_seconds=persona.max_call_seconds,
+        started_at=stream_started,
+    )
+    service = PersonaPlexService(
+        call_id=call_id,
+        persona=persona.id,
+        worker_token=state.settings.worker_token,
+        store=state.store,
+        output_queue_frames=state.settings.output_queue_frames,
+        connect_timeout_s=state.settings.worker_connect_timeout_s,
+    )
+    session.attach(service)
+    return session
+
+
+async def _run_call(websocket: WebSocket, state: GatewayState, session: CallSession, start: StreamStart) -> None:
+    service = session.service
+    if service is None:
+        raise RuntimeError("session without a service")
+
+    def on_event(event: str, message: dict[str, Any]) -> None:
+        if event == "stop":
+            session.request_end(EndReason.CALLER_HANGUP)
+        elif event == "dtmf":
+            digit = message.get("dtmf", {}).get("digit")
+            session.note_event("dtmf", digit=str(digit)[:8] if digit is not None else None)
+        elif event == "mark":
+            mark = message.get("mark")
+            session.note_event("mark", name=str(mark.get("name"))[:100] if isinstance(mark, dict) else None)
+
+    try:
+        serializer = GuardedTwilioSerializer(
+            start.stream_sid,
+            call_sid=start.call_sid,
+            on_event=on_event,
+            on_bad_message=lambda _why: state.metrics.bad_messages.inc(),
+        )
+        worker, transport = build_twilio_pipeline(
+            websocket, call_id=session.call_id, serializer=serializer, service=service, on_text=session.note_text
+        )
+    except Exception as exc:  # the call cannot start: its record must still end
+        logger.exception("call %s: could not build the pipeline", session.call_id)
+        await fail_call(state.store, session.call_id, EndReason.ERROR, f"could not build the pipeline: {exc!r}")
+        await _close(websocket, 1011)
+        return
+
+    @transport.event_handler("on_client_disconnected")
+    async def _on_disconnected(_transport: Any, _websocket: WebSocket) -> None:
+        session.request_end(None)
+
+    state.sessions[session.call_id] = session
+    try:
+        await session.run(worker)
+    finally:
+        state.sessions.pop(session.call_id, None)
+        state.metrics.frames_dropped_finished += session.frames_dropped
+        await _close(websocket, 1000)
+
+
+async def _close(websocket: WebSocket, code: int) -> None:
+    if (
+        websocket.client_state == WebSocketState.DISCONNECTED
+        or websocket.application_state == WebSocketState.DISCONNECTED
+    ):
+        return
+    try:
+        await websocket.close(code=code)
+    except (RuntimeError, OSError) as exc:
+        logger.debug("closing the twilio stream: %r", exc)
+
+
+def build_router() -> APIRouter:
+    """POST /twilio/voice, WS /twilio/stream, POST /twilio/status."""
+    router = APIRouter(prefix="/twilio", tags=["twilio"])
+    router.add_api_route("/voice", voice, methods=["POST"])
+    router.add_api_route("/status", status_callback, methods=["POST"])
+    router.add_api_websocket_route("/stream", media_stream)
+    return router

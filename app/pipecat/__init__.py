@@ -1,0 +1,1 @@
+"""Pipecat building blocks: `PersonaPlexService` (app.pipecat.service) and the resampler (app.pipecat.audio)."""

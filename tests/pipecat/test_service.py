@@ -1,0 +1,177 @@
+"""PersonaPlexService in isolation, in a Pipecat pipeline driven by pipecat's run_test, against a fake worker."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    SpeechOutputAudioRawFrame,
+    TTSTextFrame,
+)
+from pipecat.pipeline.worker import PipelineParams
+from pipecat.tests.utils import SleepFrame, run_test
+
+from app.callstate import CallStore, Reservation
+from app.pipecat.service import PersonaPlexService
+from tests.pipecat.fake_worker import TOKEN, FakeWorker
+
+PARAMS = PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000)
+PHONE_RATE = 8000
+
+
+def caller_audio(seconds: float, *, freq: float = 1000.0, rate: int = PHONE_RATE) -> list[Frame]:
+    """A tone as 20 ms InputAudioRawFrames, with real-time pauses every 80 ms."""
+    n = int(rate * 0.02)
+    t = np.arange(int(rate * seconds)) / rate
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2")
+    frames: list[Frame] = []
+    for i, start in enumerate(range(0, len(pcm), n)):
+        frames.append(InputAudioRawFrame(audio=pcm[start : start + n].tobytes(), sample_rate=rate, num_channels=1))
+        if i % 4 == 3:
+            frames.append(SleepFrame(0.08))
+    return frames
+
+
+def service_for(worker: FakeWorker, **kwargs) -> PersonaPlexService:
+    kwargs.setdefault("reservation", Reservation(worker_id=worker.worker_id, url=worker.url))
+    return PersonaPlexService(call_id="call-1", persona="general-assistant", worker_token=TOKEN, **kwargs)
+
+
+def dominant_hz(pcm: bytes, rate: int) -> float:
+    x = np.frombuffer(pcm, dtype="<i2").astype(float)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+@pytest.mark.asyncio
+async def test_caller_audio_in_bot_audio_out_at_output_rate_paced(fake_worker: FakeWorker) -> None:
+    service = service_for(fake_worker)
+    pushed_at: list[float] = []
+
+    @service.event_handler("on_after_push_frame")
+    def _timestamps(_service, frame: Frame) -> None:
+        if isinstance(frame, SpeechOutputAudioRawFrame):
+            pushed_at.append(time.monotonic())
+
+    frames = [SleepFrame(0.3), *caller_audio(0.8), SleepFrame(0.5)]
+    down, up = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+
+    audio = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+    assert len(audio) == 10  # 0.8 s of caller audio = 10 model frames -> 10 bot frames
+    assert all(f.sample_rate == PHONE_RATE and f.num_frames == 640 for f in audio)  # 80 ms at 8 kHz
+    assert fake_worker.frames_in == 10 and service.stats.frames_out == 10 and service.stats.frames_dropped == 0
+    # The echoing worker returns the caller's 1 kHz tone: it survives 8k -> 24k -> 8k.
+    body = b"".join(f.audio for f in audio[2:])
+    assert abs(dominant_hz(body, PHONE_RATE) - 1000) < 20
+    # Real-time pacing: never faster than one 80 ms frame per 80 ms.
+    assert min(np.diff(pushed_at)) > 0.07
+    texts = [f.text for f in down if isinstance(f, TTSTextFrame)]
+    assert "".join(texts) == " word5 word10"
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert fake_worker.starts[0].call_id == "call-1" and fake_worker.starts[0].persona == "general-assistant"
+    assert [e.reason for e in fake_worker.ends] == ["caller_hangup"]  # EndFrame -> protocol.End
+
+
+@pytest.mark.asyncio
+async def test_other_input_rates_are_converted_to_whole_model_frames(fake_worker: FakeWorker) -> None:
+    service = service_for(fake_worker, output_sample_rate=16000)
+    frames = [SleepFrame(0.3), *caller_audio(0.4, rate=16000), SleepFrame(0.4)]
+    down, _ = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+    audio = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+    assert fake_worker.frames_in == 5 and len(audio) == 5
+    assert all(f.sample_rate == 16000 and f.num_frames == 1280 for f in audio)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_beyond_the_output_queue_is_dropped_and_counted(fake_worker: FakeWorker) -> None:
+    fake_worker.hold_frames = 10  # the worker stalls for 10 frames, then sends them all at once
+    service = service_for(fake_worker, output_queue_frames=2)
+    frames = [SleepFrame(0.3), *caller_audio(0.8), SleepFrame(0.5)]
+    started = time.monotonic()
+    down, _ = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+    audio = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+    stats = service.stats
+    assert stats.frames_received == 10
+    assert stats.frames_out + stats.frames_dropped == 10
+    assert len(audio) == stats.frames_out <= 3  # the queue holds 2 (+1 being pushed): no backlog
+    assert stats.frames_dropped >= 7
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.asyncio
+async def test_reserves_through_redis_and_end_frame_releases_the_slot(
+    fake_worker: FakeWorker, store: CallStore
+) -> None:
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    service = PersonaPlexService(call_id="call-2", persona="general-assistant", worker_token=TOKEN, store=store)
+    free_while_active: list[int] = []
+
+    @service.event_handler("on_ready")
+    async def _on_ready(_service, ready) -> None:
+        free_while_active.append(await store.free_slots())
+
+    await run_test(service, frames_to_send=[SleepFrame(0.3), *caller_audio(0.16)], pipeline_params=PARAMS)
+    assert free_while_active == [1]
+    assert service.reservation is not None and service.reservation.worker_id == "fake-1"
+    assert await store.free_slots() == 2
+    assert len(fake_worker.ends) == 1 and service.end_reason is None
+
+
+@pytest.mark.asyncio
+async def test_worker_connection_loss_is_an_error_frame_and_frees_the_slot(
+    fake_worker: FakeWorker, store: CallStore
+) -> None:
+    fake_worker.drop_after = 3
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    service = PersonaPlexService(call_id="call-3", persona="general-assistant", worker_token=TOKEN, store=store)
+    ended: list[tuple[str, str]] = []
+
+    @service.event_handler("on_session_ended")
+    async def _on_ended(_service, reason: str, detail: str) -> None:
+        ended.append((reason, detail))
+
+    frames = [SleepFrame(0.3), *caller_audio(0.48), SleepFrame(0.3)]
+    _, up = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "worker connection lost" in errors[0].error
+    assert service.end_reason == "worker_lost" and ended[0][0] == "worker_lost"
+    assert not service.is_usable
+    assert await store.free_slots() == 1
+
+
+@pytest.mark.asyncio
+async def test_no_free_slot_is_an_error_frame_with_reason_busy(store: CallStore) -> None:
+    service = PersonaPlexService(call_id="call-4", persona="general-assistant", worker_token=TOKEN, store=store)
+    _, up = await run_test(service, frames_to_send=[SleepFrame(0.2)], pipeline_params=PARAMS)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "no worker has a free slot" in errors[0].error
+    assert service.end_reason == "busy"
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_worker_token_is_reported_clearly(fake_worker: FakeWorker) -> None:
+    service = PersonaPlexService(
+        call_id="call-5",
+        persona="general-assistant",
+        worker_token="not-the-token",
+        reservation=Reservation(worker_id=fake_worker.worker_id, url=fake_worker.url),
+    )
+    _, up = await run_test(service, frames_to_send=[SleepFrame(0.3)], pipeline_params=PARAMS)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "HTTP 403" in errors[0].error and "WORKER_TOKEN" in errors[0].error
+    assert service.end_reason == "error"
+
+
+@pytest.mark.asyncio
+async def test_a_worker_refusal_ends_the_session(fake_worker: FakeWorker) -> None:
+    fake_worker.refuse = "unknown_persona"
+    service = service_for(fake_worker)
+    _, up = await run_test(service, frames_to_send=[SleepFrame(0.3)], pipeline_params=PARAMS)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "unknown_persona" in errors[0].error
+    assert service.end_reason == "error" and service.ready is None
