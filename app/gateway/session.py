@@ -180,6 +180,12 @@ class CallSession:
                 "frames_dropped": stats.frames_dropped,
             }
         try:
+            if self.end_reason == EndReason.TRANSFER:
+                # The bot leaves; Twilio asks <Connect action> next, which dials and completes the record.
+                await self.store.transition(self.call_id, CallStatus.TRANSFERRING, **fields)
+                await self.store.release_slot(self.call_id)
+                logger.info("call %s: transferring", self.call_id)
+                return
             record = await self.store.end_call(self.call_id, status, self.end_reason, error=self.error, **fields)
             if record is not None:
                 self.metrics.calls.labels(status.value, self.end_reason.value).inc()

@@ -5,8 +5,10 @@ POST /twilio/voice   TwiML: `<Connect><Stream url=wss://.../twilio/stream>` with
                      message then `<Dial>` the overflow number or `<Hangup/>`.
 WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call.
 POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call.
+POST /twilio/after-stream  the `<Connect action>`: once the stream ends, `<Dial>` the persona's
+                     transfer number for a call the caller asked to transfer (DTMF 0), else hang up.
 
-With TWILIO_AUTH_TOKEN set, all three require a valid X-Twilio-Signature (the stream on its upgrade
+With TWILIO_AUTH_TOKEN set, all of them require a valid X-Twilio-Signature (the stream on its upgrade
 request): otherwise 403 and nothing else happens.
 """
 
@@ -38,6 +40,8 @@ from app.pipecat.service import PersonaPlexService
 logger = logging.getLogger(__name__)
 
 STREAM_PATH = "/twilio/stream"
+AFTER_STREAM_PATH = "/twilio/after-stream"
+TRANSFER_DIGIT = "0"  # the caller presses 0 to be put through to the persona's transfer number
 START_TIMEOUT_S = 10.0
 _CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
@@ -52,6 +56,11 @@ def _twiml(response: VoiceResponse) -> Response:
 def _forbidden(state: GatewayState, endpoint: str) -> Response:
     state.metrics.webhooks.labels(endpoint, "forbidden").inc()
     return PlainTextResponse("forbidden: bad or missing X-Twilio-Signature\n", status_code=403)
+
+
+def _http_url(state: GatewayState, request: Request, path: str) -> str:
+    base = state.settings.public_url or str(request.base_url)
+    return base.rstrip("/") + path
 
 
 def _stream_url(state: GatewayState, request: Request) -> str:
@@ -87,7 +96,7 @@ async def voice(request: Request) -> Response:
         response.hangup()
         return _twiml(response)
     response = VoiceResponse()
-    connect = Connect()
+    connect = Connect(action=_http_url(state, request, AFTER_STREAM_PATH))
     stream = connect.stream(url=_stream_url(state, request))
     stream.parameter(name="call_id", value=call_id)
     stream.parameter(name="persona", value=persona.id)
@@ -329,12 +338,18 @@ async def _run_call(websocket: WebSocket, state: GatewayState, session: CallSess
     if service is None:
         raise RuntimeError("session without a service")
 
+    persona = state.personas.get(start.persona) if start.persona else None
+    transfer_number = persona.transfer_number if persona is not None else None
+
     def on_event(event: str, message: dict[str, Any]) -> None:
         if event == "stop":
             session.request_end(EndReason.CALLER_HANGUP)
         elif event == "dtmf":
             digit = message.get("dtmf", {}).get("digit")
             session.note_event("dtmf", digit=str(digit)[:8] if digit is not None else None)
+            if digit == TRANSFER_DIGIT and transfer_number:
+                session.note_event("transfer_requested", to=transfer_number)
+                session.request_end(EndReason.TRANSFER)
         elif event == "mark":
             mark = message.get("mark")
             session.note_event("mark", name=str(mark.get("name"))[:100] if isinstance(mark, dict) else None)
@@ -380,10 +395,40 @@ async def _close(websocket: WebSocket, code: int) -> None:
         logger.debug("closing the twilio stream: %r", exc)
 
 
+async def after_stream(request: Request) -> Response:
+    """`<Connect action>`: Twilio asks what to do once the media stream has ended.
+
+    A call whose caller asked for a person (DTMF 0 on a persona with a transfer number) is in
+    `transferring`: dial that number and complete the record with end_reason transfer.
+    Anything else hangs up (its record was already ended by the media stream).
+    """
+    state = gateway_state(request)
+    form = await request.form()
+    if not state.signatures.check_webhook(request, form):
+        return _forbidden(state, "after_stream")
+    call_sid = form.get("CallSid")
+    record = (
+        await state.store.get_call(call_sid) if isinstance(call_sid, str) and _CALL_ID.match(call_sid) else None
+    )
+    response = VoiceResponse()
+    persona = state.personas.get(record.persona) if record is not None else None
+    if record is not None and record.status == CallStatus.TRANSFERRING and persona and persona.transfer_number:
+        response.dial(persona.transfer_number)
+        if await state.store.end_call(record.call_id, CallStatus.COMPLETED, EndReason.TRANSFER) is not None:
+            state.metrics.calls.labels(CallStatus.COMPLETED.value, EndReason.TRANSFER.value).inc()
+        state.metrics.webhooks.labels("after_stream", "transfer").inc()
+        logger.info("call %s: transferring to %s", record.call_id, persona.transfer_number)
+    else:
+        response.hangup()
+        state.metrics.webhooks.labels("after_stream", "hangup").inc()
+    return _twiml(response)
+
+
 def build_router() -> APIRouter:
     """POST /twilio/voice, WS /twilio/stream, POST /twilio/status."""
     router = APIRouter(prefix="/twilio", tags=["twilio"])
     router.add_api_route("/voice", voice, methods=["POST"])
     router.add_api_route("/status", status_callback, methods=["POST"])
+    router.add_api_route("/after-stream", after_stream, methods=["POST"])
     router.add_api_websocket_route("/stream", media_stream)
     return router

@@ -139,6 +139,45 @@ async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle
     assert [e.reason for e in fake_worker.ends] == ["caller_hangup"]
 
 
+async def test_dtmf_0_transfers_the_caller_to_the_personas_transfer_number(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """Press 0: the bot leaves the call, Twilio asks <Connect action> and gets a <Dial> to a person."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid, to="+15550100001")  # waste-management: transfer +15550100091
+    assert twiml.connect_action == f"{gateway.base}/twilio/after-stream"
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    await stream.play(tone(0.3))
+    await stream.send(stream.dtmf("0"))
+    assert await stream.wait_closed_by_server(5.0)  # the gateway ends the media stream
+
+    deadline = time.monotonic() + 5
+    while (record := await store.get_call(call_sid)).status != "transferring" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert record.status == "transferring" and await store.free_slots() == 2
+
+    # What Twilio does when <Connect> ends: POST the action URL (signed).
+    params = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "CallStatus": "in-progress"}
+    response = await post_signed(http, twiml.connect_action or "", params)
+    after = parse_twiml(response.text)
+    assert after.dial == "+15550100091" and not after.hangup
+    record = await store.get_call(call_sid)
+    assert (record.status, record.end_reason) == ("completed", "transfer")
+    assert statuses(await store.events(call_sid)) == ["ringing", "connecting", "active", "transferring", "completed"]
+    assert [e["to"] for e in await store.events(call_sid) if e["type"] == "transfer_requested"] == ["+15550100091"]
+
+    # A call that ended normally just hangs up there; an unsigned request is refused.
+    other = new_call_sid()
+    await ring(http, gateway, other)
+    response = await post_signed(http, twiml.connect_action or "", {**params, "CallSid": other})
+    assert parse_twiml(response.text).hangup
+    response = await post_signed(http, twiml.connect_action or "", params, signature="bad")
+    assert response.status_code == 403
+
+
 async def test_an_abrupt_drop_ends_the_record_and_frees_the_slot(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:

@@ -51,6 +51,7 @@ def voice_params(call_sid: str, to: str = "+15550100001", caller: str = "+155576
 
 @dataclass
 class Twiml:
+    connect_action: str | None
     stream_url: str | None
     parameters: dict[str, str]
     say: str | None
@@ -63,7 +64,9 @@ def parse_twiml(text: str) -> Twiml:
     stream = root.find("./Connect/Stream")
     params = {p.get("name", ""): p.get("value", "") for p in root.findall("./Connect/Stream/Parameter")}
     say, dial = root.find("./Say"), root.find("./Dial")
+    connect = root.find("./Connect")
     return Twiml(
+        connect_action=connect.get("action") if connect is not None else None,
         stream_url=stream.get("url") if stream is not None else None,
         parameters=params,
         say=say.text if say is not None else None,
