@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test clean
+.PHONY: setup test run clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# Embedded Redis (unless REDIS_URL) + one worker + the gateway; Ctrl-C stops everything.
+run: setup
+	$(VENV)/bin/callcenter up
 
 clean:
 	rm -rf $(VENV) .pytest_cache

