@@ -198,9 +198,18 @@ class EmbeddedRedis:
         return f"unix://{self._server.socket_file}"
 
     def close(self) -> None:
-        """Save the database to its file and stop the server."""
-        self._server.save()
-        self._server.shutdown(save=True)
+        """Save the database to its file and stop the server.
+
+        SHUTDOWN goes through a client that does not retry: redis-py's default client retries,
+        with sleeps, on the connection the server closes, which takes seconds.
+        """
+        from redis import Redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = Redis(unix_socket_path=self._server.socket_file, retry=Retry(NoBackoff(), 0))
+        client.shutdown(save=True)
+        client.close()
 
 
 async def connect_redis(settings: RedisSettings) -> tuple[aioredis.Redis, EmbeddedRedis | None]:
