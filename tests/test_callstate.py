@@ -18,11 +18,6 @@ from app.callstate import (
 from app.config import RedisSettings
 
 
-@pytest.fixture
-def store(redis_client) -> CallStore:
-    return CallStore(redis_client, heartbeat_ttl_s=5)
-
-
 async def test_call_walks_the_lifecycle_with_an_event_per_transition(store: CallStore) -> None:
     await store.create_call("c1", channel="twilio", persona="waste-management", from_number="+15550001111")
     await store.transition("c1", CallStatus.CONNECTING, worker_id="w1", slot=3)

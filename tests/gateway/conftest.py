@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 
-from app.callstate import TERMINAL, CallRecord, CallStore, EmbeddedRedis
+from app.callstate import TERMINAL, CallRecord, CallStore
 from app.config import GatewaySettings
 from app.gateway.app import create_app, make_server
 from app.personas import PersonaBook
@@ -23,25 +22,6 @@ from tests.gateway.twilio_fake import AUTH_TOKEN
 from tests.pipecat.fake_worker import TOKEN, FakeWorker, FakeWorkerThread
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = EmbeddedRedis(Path(tmp_path_factory.mktemp("redis")) / "test.rdb")
-    try:
-        yield server.url
-    finally:
-        server.close()
-
-
-@pytest_asyncio.fixture
-async def store(redis_url: str) -> AsyncIterator[CallStore]:
-    client = aioredis.from_url(redis_url, decode_responses=True)
-    await client.flushdb()
-    try:
-        yield CallStore(client)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

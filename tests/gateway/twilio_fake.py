@@ -16,6 +16,8 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.sim import mulaw
+
 AUTH_TOKEN = "test-twilio-auth-token"
 ACCOUNT_SID = "AC" + "1" * 32
 
@@ -75,28 +77,6 @@ def parse_twiml(text: str) -> Twiml:
     )
 
 
-# ---------------------------------------------------------------------------------- μ-law (G.711)
-_BIAS = 0x84
-_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
-
-
-def ulaw_encode(pcm: np.ndarray) -> bytes:
-    """G.711 μ-law of PCM16 samples (the reference 14-bit encoder, bit-exact with audioop)."""
-    x = pcm.astype(np.int32) >> 2
-    mask = np.where(x < 0, 0x7F, 0xFF)
-    x = np.minimum(np.abs(x), 8159) + 0x21
-    seg = np.searchsorted(_SEG_END, x)  # first segment whose end >= x
-    uval = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | ((x >> (np.minimum(seg, 7) + 1)) & 0x0F))
-    return ((uval ^ mask) & 0xFF).astype(np.uint8).tobytes()
-
-
-def ulaw_decode(data: bytes) -> np.ndarray:
-    u = ~np.frombuffer(data, dtype=np.uint8).astype(np.int32) & 0xFF
-    sign, exponent, mantissa = u & 0x80, (u >> 4) & 0x07, u & 0x0F
-    magnitude = ((mantissa << 3) + _BIAS) << exponent
-    return np.where(sign != 0, _BIAS - magnitude, magnitude - _BIAS).astype(np.int16)
-
-
 def tone(seconds: float, freq: float = 1000.0, level: float = 0.3, rate: int = 8000) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (level * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
@@ -141,7 +121,7 @@ class MediaStream:
         return [m for m in self.received if m.get("event") == "media"]
 
     def bot_audio(self) -> np.ndarray:
-        return ulaw_decode(b"".join(base64.b64decode(m["media"]["payload"]) for m in self.media))
+        return mulaw.decode(b"".join(base64.b64decode(m["media"]["payload"]) for m in self.media))
 
     async def send(self, message: dict[str, Any] | str) -> None:
         await self.ws.send(message if isinstance(message, str) else json.dumps(message))
@@ -178,7 +158,7 @@ class MediaStream:
                     "track": "inbound",
                     "chunk": str(self.chunk),
                     "timestamp": str(self.chunk * 20),
-                    "payload": base64.b64encode(ulaw_encode(pcm)).decode(),
+                    "payload": base64.b64encode(mulaw.encode(pcm)).decode(),
                 },
                 "streamSid": self.stream_sid,
             }

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import socket
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -93,17 +92,6 @@ def test_mulaw_round_trip_error_is_within_g711_quantisation() -> None:
     assert np.array_equal(mulaw.decode(again), mulaw.decode(codes))
 
 
-def test_mulaw_matches_the_reference_codec_bit_for_bit() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        audioop = pytest.importorskip("audioop")  # gone in Python 3.13
-    pcm = np.arange(-32768, 32768, dtype=np.int16)
-    assert mulaw.encode(pcm) == audioop.lin2ulaw(pcm.tobytes(), 2)
-    codes = bytes(range(256))
-    assert mulaw.decode(codes).tobytes() == audioop.ulaw2lin(codes, 2)
-
-
-# -------------------------------------------------------------------------- signatures
 def test_webhook_signature_validates_with_request_validator() -> None:
     url = "https://example.ngrok.io/twilio/voice"
     params = voice_webhook_params(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.worker.model.errors import CheckpointError
+from app.worker.model.errors import check_layout
 from app.worker.model.lm import AGENT_CODEBOOKS, LMConfig
 
 
@@ -52,19 +52,7 @@ def expected_official_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check(sd: dict[str, Tensor], cfg: LMConfig) -> None:
-    expected = expected_official_shapes(cfg)
-    problems: list[str] = []
-    missing = [name for name in expected if name not in sd]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing))
-    unexpected = sorted(name for name in sd if name not in expected)
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): " + ", ".join(unexpected))
-    for name, shape in expected.items():
-        if name in sd and tuple(sd[name].shape) != shape:
-            problems.append(f"tensor '{name}' has shape {tuple(sd[name].shape)}, expected {shape}")
-    if problems:
-        raise CheckpointError("PersonaPlex LM checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    check_layout(sd, expected_official_shapes(cfg), "PersonaPlex LM checkpoint")
 
 
 def from_official(

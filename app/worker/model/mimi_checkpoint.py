@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.worker.model.errors import CheckpointError
+from app.worker.model.errors import CheckpointError, check_layout
 from app.worker.model.mimi import MimiConfig
 
 
@@ -128,19 +128,7 @@ def expected_official_shapes(cfg: MimiConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_official(sd: dict[str, Tensor], cfg: MimiConfig) -> None:
-    expected = expected_official_shapes(cfg)
-    problems: list[str] = []
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing))
-    unexpected = sorted(k for k in sd if k not in expected)
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): " + ", ".join(unexpected))
-    for key, shape in expected.items():
-        if key in sd and tuple(sd[key].shape) != shape:
-            problems.append(f"tensor {key!r} has shape {tuple(sd[key].shape)}, expected {shape}")
-    if problems:
-        raise CheckpointError("Mimi checkpoint does not match the official layout: " + "; ".join(problems))
+    check_layout(sd, expected_official_shapes(cfg), "Mimi checkpoint")
 
 
 def from_official(sd: dict[str, Tensor], cfg: MimiConfig) -> dict[str, Tensor]:
