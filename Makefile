@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# WebRTC tests (marker netns) run in a private network namespace whose only interface is
+# loopback: ICE never uses 127.0.0.1, and their media must not touch a real interface.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not netns"
+	tests/netns.sh $(PY) -m pytest -m netns
 
 # Embedded Redis (unless REDIS_URL) + one worker + the gateway; Ctrl-C stops everything.
 run: setup

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from app.callstate import CallStore, EndReason, connect_redis
 from app.config import GatewaySettings
-from app.gateway import admin, ops, twilio
+from app.gateway import admin, ops, twilio, webrtc
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.security import TwilioSignatures
 from app.gateway.state import GatewayState
@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
     app.include_router(twilio.build_router())
     app.include_router(admin.build_router())
     app.include_router(ops.build_router())
+    app.include_router(webrtc.build_router())
     return app
 
 

@@ -7,7 +7,9 @@
 - device and dtype ('auto': cuda + bfloat16 when a GPU is there, else cpu + float32; Mimi always
   runs in float32);
 - the personas (`personas/*.yaml`), each voice checked against the checkpoint's voices directory,
-  each role prompt tokenised and its prompt state computed once, in a scratch slot, and kept.
+  each role prompt tokenised and its prompt state computed once, in a scratch slot, and kept;
+  computed states are cached on disk under WORKER_STATE_DIR/persona-cache/ (`persona_cache.py`),
+  so a restart with the same weights, prompt, voice and dtype loads them instead.
 A call's join is then a copy: reset the rows, import the persona state, set the sampling.
 """
 
@@ -16,16 +18,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import sentencepiece
 import torch
 from safetensors import safe_open
 
 from app.config import WorkerSettings
 from app.personas import PersonaBook, load_personas
 from app.protocol import FRAME_SAMPLES, Sampling
+from app.worker import persona_cache
 from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
@@ -44,6 +48,16 @@ TINY_BANNER = """
 ################################################################################"""
 
 
+class TextTokenizer(Protocol):
+    """What the runtime uses of a sentencepiece processor."""
+
+    def vocab_size(self) -> int: ...
+
+    def id_to_piece(self, id: int) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+
 class UnknownPersona(KeyError):
     """A session asked for a persona this worker does not serve."""
 
@@ -58,12 +72,13 @@ class Runtime:
     dtype: torch.dtype
     lm: PersonaPlexLM
     mimi: Mimi
-    tokenizer: sentencepiece.SentencePieceProcessor
+    tokenizer: TextTokenizer
     personas: PersonaBook
     role_tokens: dict[str, list[int]]
     voices: dict[str, prompts.Voice]
     prompt_states: dict[str, SlotState]  # persona id -> state after its whole prompt (on `device`)
-    prompt_ms: dict[str, float]  # persona id -> time its prompt prefill took at start
+    prompt_ms: dict[str, float]  # persona id -> time its prompt state took at start (prefill or load)
+    prompt_cached: dict[str, bool] = field(default_factory=dict)  # persona id -> loaded from the disk cache
 
     @property
     def max_slots(self) -> int:
@@ -227,17 +242,30 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     voices: dict[str, prompts.Voice] = {}
     states: dict[str, SlotState] = {}
     prompt_ms: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+    cache = persona_cache.PersonaCache(
+        settings.worker_state_dir / persona_cache.CACHE_DIRNAME, lm_cfg, lm.kv_dtype
+    )
+    checkpoint = persona_cache.checkpoint_identity(files.lm)
     scratch = 0  # every slot is free at start; the scratch slot is reset after use
     for persona_id, persona in book.personas.items():
-        role_tokens[persona_id] = tokenizer.encode(prompts.wrap_system(persona.prompt))
-        voices[persona_id] = loading.load_voice(persona.voice_path(files.voices_dir), lm_cfg, mimi)
+        tokens = tokenizer.encode(prompts.wrap_system(persona.prompt))
+        voice = loading.load_voice(persona.voice_path(files.voices_dir), lm_cfg, mimi)
+        key = persona_cache.state_key(
+            checkpoint=checkpoint, cfg=lm_cfg, dtype=dtype, kv_dtype=lm.kv_dtype, device=device,
+            role_tokens=tokens, voice=voice,
+        )
         t0 = time.perf_counter()
-        states[persona_id] = prompts.build_prompt_state(lm, scratch, role_tokens[persona_id], voices[persona_id])
+        compute = functools.partial(prompts.build_prompt_state, lm, scratch, tokens, voice)
+        info = {"source": source, "voice": persona.voice, "text_tokens": len(tokens)}
+        states[persona_id], cached[persona_id] = cache.get_or_compute(persona_id, key, device, compute, info)
         _sync(device)
         prompt_ms[persona_id] = (time.perf_counter() - t0) * 1000
+        role_tokens[persona_id], voices[persona_id] = tokens, voice
         logger.info(
-            "persona %s: prompt of %d frames (%d text tokens) computed in %.0f ms",
-            persona_id, int(states[persona_id].offset), len(role_tokens[persona_id]), prompt_ms[persona_id],
+            "persona %s: prompt of %d frames (%d text tokens) %s in %.0f ms",
+            persona_id, int(states[persona_id].offset), len(tokens),
+            "loaded from the cache" if cached[persona_id] else "computed", prompt_ms[persona_id],
         )
     lm.reset(scratch)
     mimi.reset(torch.tensor([scratch], dtype=torch.long))
@@ -254,6 +282,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         voices=voices,
         prompt_states=states,
         prompt_ms=prompt_ms,
+        prompt_cached=cached,
     )
 
 

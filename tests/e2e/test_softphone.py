@@ -21,7 +21,7 @@ from app.callstate import CallRecord, CallStore
 from app.gateway.webrtc import BUSY_MESSAGE
 from tests.e2e.conftest import ROOT, Stack, tail
 
-pytestmark = pytest.mark.asyncio(loop_scope="function")
+pytestmark = [pytest.mark.asyncio(loop_scope="function"), pytest.mark.netns]
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -61,6 +61,7 @@ def chromium_args(wav: Path) -> list[str]:
         f"--use-file-for-fake-audio-capture={wav}",
         "--autoplay-policy=no-user-gesture-required",
         "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--allow-loopback-in-peer-connection",  # media stays on loopback (see tests/netns)
     ]
 
 
@@ -74,7 +75,7 @@ async def _wait_record(store: CallStore, call_id: str, done: Any, timeout_s: flo
     return record
 
 
-async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up(
+async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up_then_busy_lost_no_mic(
     stack: Stack, microphone_wav: Path, tmp_path: Path
 ) -> None:
     from playwright.async_api import async_playwright
@@ -138,6 +139,7 @@ async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up(
             ended_text = await page.inner_text("#status-text")
             length = await page.inner_text("#timer")
             await page.screenshot(path=str(ARTIFACTS / "softphone-ended.png"), full_page=True)
+            call_console = list(console)  # the 503 below is logged by the browser, as it should be
 
             # No free slot: the gateway's busy answer (as tests/gateway/test_webrtc.py checks it) is shown.
             await page.route(
@@ -149,6 +151,15 @@ async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up(
             busy = (await page.evaluate("window.softphone.error"), await page.inner_text("#message"))
             await page.screenshot(path=str(ARTIFACTS / "softphone-busy.png"), full_page=True)
             await page.unroute("**/api/offer")
+
+            # The worker dies mid-call (this module's stack is not used after this test).
+            await page.click("#call")
+            await page.wait_for_function("window.softphone.state === 'active'", timeout=30_000)
+            lost_id = await page.evaluate("window.softphone.callId")
+            stack.worker.process.kill()
+            await page.wait_for_function("window.softphone.state === 'ended'", timeout=15_000)
+            lost = (await page.evaluate("window.softphone.endReason"), await page.inner_text("#message"))
+            await page.screenshot(path=str(ARTIFACTS / "softphone-worker-lost.png"), full_page=True)
 
             # No microphone (refused): said plainly, nothing is sent.
             refused = await browser.new_page()
@@ -164,6 +175,7 @@ async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up(
             await browser.close()
 
     record = await _wait_record(store, call_id, lambda r: r.ended_at is not None)
+    lost_record = await _wait_record(store, lost_id, lambda r: r.ended_at is not None)
     transcript = await store.transcript(call_id)
     events = await store.events(call_id)
     await store.redis.aclose()
@@ -175,10 +187,12 @@ async def test_a_browser_calls_a_persona_hears_it_sees_its_text_and_hangs_up(
     assert timer != "00:00" and length != "00:00"
     assert ended_text == "Call ended"
     assert busy == ("busy", BUSY_MESSAGE)
+    assert lost == ("worker_lost", "The call was lost: the voice engine stopped responding. Please call again.")
+    assert lost_record is not None and (lost_record.status, lost_record.end_reason) == ("failed", "worker_lost")
     assert no_mic[0] == "no_microphone" and no_mic[1].startswith("Microphone access was refused"), no_mic
     assert record is not None, why()
     assert (record.status, record.end_reason, record.channel) == ("completed", "caller_hangup", "webrtc"), why()
     assert [e["to"] for e in events if e["type"] == "status"] == ["ringing", "connecting", "active", "completed"]
     assert record.frames_in and record.frames_in >= 25, "the caller's audio did not reach the worker"
     assert record.frames_out and record.frames_out >= 25
-    assert not [line for line in console if line.startswith(("error", "pageerror"))], console
+    assert not [line for line in call_console if line.startswith(("error", "pageerror"))], call_console
