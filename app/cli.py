@@ -5,6 +5,7 @@
     callcenter gateway [--host --port]  Twilio webhooks and media streams, admin API
     callcenter call --audio caller.wav  a simulated Twilio call through the gateway
     callcenter personas check [--dir]   load and validate personas/*.yaml
+    callcenter bench [--full] [--slots] time the engine tick per slot count (JSON lines on stdout)
 
 Settings come from the environment / `.env` (app/config.py); options override a few of them.
 """
@@ -101,12 +102,42 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--no-status-callback", action="store_true", help="do not POST /twilio/status at the end")
     call.set_defaults(handler=_cmd_call)
 
+    bench = verbs.add_parser("bench", help="time the engine tick per slot count on random weights")
+    bench.add_argument("--full", action="store_true",
+                       help="full-size PersonaPlex config (random bf16 weights, for a GPU); default: tiny")
+    bench.add_argument("--slots", type=_slot_counts, default=(1, 8, 16, 32, 64),
+                       help="comma-separated slot counts (default 1,8,16,32,64)")
+    bench.add_argument("--ticks", type=int, default=50, help="measured ticks per slot count")
+    bench.add_argument("--warmup", type=int, default=10, help="ticks run before measuring")
+    bench.add_argument("--churn-every", type=int, default=8,
+                       help="one call leaves and a new one joins every N ticks (0: never)")
+    bench.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="LM weights and KV (auto: bfloat16 with --full, else as the worker)")
+    bench.add_argument("--context", type=int, default=None, help="LM context in frames (default: the config's)")
+    bench.add_argument("--budget-ms", type=float, default=70.0, help="p99 tick budget for the summary")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--state-dir", type=Path, default=None,
+                       help="keep the persona cache here (default: a temporary directory)")
+    bench.add_argument("--json-out", type=Path, default=None, help="also write every object as a JSON list here")
+    bench.set_defaults(handler=_cmd_bench)
+
     personas = verbs.add_parser("personas", help="persona files")
     persona_verbs = personas.add_subparsers(dest="personas_verb", required=True, metavar="VERB")
     check = persona_verbs.add_parser("check", help="load and validate every persona file")
     check.add_argument("--dir", type=Path, default=None, help="personas directory (default PERSONAS_DIR)")
     check.set_defaults(handler=_cmd_personas_check)
     return parser
+
+
+def _slot_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"slot counts are comma-separated integers, got {text!r}") from exc
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"slot counts must be >= 1, got {text!r}")
+    return counts
 
 
 def _out(text: str) -> None:
@@ -193,6 +224,26 @@ def _cmd_call(args: argparse.Namespace) -> int:
     if report.status != "completed":
         logger.error("call %s: %s", report.status, report.error or "")
         return EXIT_FAILED
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench import BenchOptions, run_bench
+
+    try:
+        options = BenchOptions(
+            full=args.full, slots=args.slots, ticks=args.ticks, warmup=args.warmup,
+            churn_every=args.churn_every, device=args.device, dtype=args.dtype, context=args.context,
+            budget_ms=args.budget_ms, seed=args.seed, state_dir=args.state_dir,
+        )
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
+    records = run_bench(options, lambda record: _out(json.dumps(record)))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(records, indent=2) + "\n")
+        logger.info("wrote %s", args.json_out)
     return 0
 
 

@@ -72,6 +72,8 @@ class TickResult:
     audio: torch.Tensor  # [n, 8] long: agent codes of each output frame (-1 while not valid), CPU
     pcm: list[bytes]  # PCM16 bot frames
     duration_s: float
+    model_s: float = 0.0  # of duration_s: from the input copy to the device until the output is on the host
+    wait_s: float = 0.0  # of model_s: blocked in the one device->host copy (waiting for the device)
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ class Engine:
         pcm[rows_t] = torch.from_numpy(audio_in.astype(np.float32) * (1.0 / 32768.0))
         active = torch.zeros(s, dtype=torch.bool)  # [S]
         active[rows_t] = True
+        model_started = time.perf_counter()
         pcm, active = pcm.to(dev, non_blocking=True), active.to(dev, non_blocking=True)
 
         codes = mimi.encode_step(pcm, active)  # [S, 8] user codes
@@ -349,9 +352,12 @@ class Engine:
         out = lm.step(frame, active)  # text [S], audio [S, 8], valid [S]
         bot = mimi.decode_step(out.audio, active & out.valid)  # [S, 1920] float, zeros where not valid
         bot16 = (bot.float().clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)  # [S, 1920]
-        # One host transfer: PCM, text token and agent codes packed as int16 (ids < 32768).
+        # One host transfer, the tick's only sync: PCM, text token and agent codes of every row
+        # packed as int16 (ids < 32768); the running rows are picked on the host (fixed shapes).
         packed = torch.cat([bot16, out.text[:, None].to(torch.int16), out.audio.to(torch.int16)], dim=1)
-        host = packed[rows_t.to(dev)].cpu().numpy()  # [n, 1920 + 1 + 8]
+        wait_started = time.perf_counter()
+        host = packed.cpu().numpy()[rows]  # [n, 1920 + 1 + 8]
+        model_done = time.perf_counter()
 
         texts: list[int] = []
         frames_out: list[bytes] = []
@@ -374,7 +380,13 @@ class Engine:
             self.metrics.frames_out.inc(len(plan))
         audio = torch.from_numpy(host[:, FRAME_SAMPLES + 1 :].astype(np.int64))
         return TickResult(
-            slots=rows, text=texts, audio=audio, pcm=frames_out, duration_s=time.perf_counter() - started
+            slots=rows,
+            text=texts,
+            audio=audio,
+            pcm=frames_out,
+            duration_s=time.perf_counter() - started,
+            model_s=model_done - model_started,
+            wait_s=model_done - wait_started,
         )
 
     # ------------------------------------------------------------------------------ helpers

@@ -1,0 +1,570 @@
+"""`callcenter bench`: time the worker's tick (Mimi encode -> LM step -> Mimi decode) per slot count.
+
+For each slot count S a worker engine with `max_slots = S` runs the real tick (`Engine.step`, with its
+scheduler, packing, sinks and metrics) on random weights: the tiny config by default (CPU, CI), or
+with `full=True` the full-size PersonaPlex config (bf16 weights and KV), meant for a GPU. Calls join
+and leave during the run: every `churn_every` ticks one call ends and a new one takes its slot, its
+persona state imported from the persona cache (the pickup path, `Runtime.join_slot`). The persona
+state itself is computed once by the real prompt prefill, written to a persona cache on disk and
+read back from it, as a worker start does.
+
+One JSON object per slot count (see bench/README.md for every field), then a summary with the
+largest slot count whose p99 tick is within the budget (70 ms: an 80 ms frame leaves 10 ms slack).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+from app.personas import Persona, PersonaBook
+from app.protocol import FRAME_SAMPLES, Error, Ready, Sampling
+from app.worker import persona_cache
+from app.worker.engine import Engine, TickResult, engine_threads
+from app.worker.metrics import WorkerMetrics
+from app.worker.model import loading, prompts
+from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model.mimi import Mimi, MimiConfig
+from app.worker.runtime import Runtime, resolve_device
+from app.worker.scheduler import Lease
+
+logger = logging.getLogger(__name__)
+
+PERSONA_ID = "bench"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Calls that make the host wait for the device when their tensor lives there.
+_SYNC_CALLS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+                         "masked_select", "unique", "cpu"})
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `run_bench` measures; the CLI fills it from its flags."""
+
+    full: bool = False
+    slots: tuple[int, ...] = (1, 8, 16, 32, 64)
+    ticks: int = 50  # measured ticks per slot count
+    warmup: int = 10  # ticks run first and not measured
+    churn_every: int = 8  # one call leaves and a new one joins every this many ticks (0: never)
+    device: str = "auto"
+    dtype: str = "auto"  # 'auto': bfloat16 for --full, else the worker's choice for the device
+    context: int | None = None  # LM context override (frames); None: the config's (3000 full size)
+    budget_ms: float = 70.0
+    seed: int = 0
+    voice_seconds: float = 10.0  # the synthetic persona: voice prompt length ...
+    role_tokens: int = 60  # ... and role prompt tokens (the reference's 3.7 s pickup had these)
+    state_dir: Path | None = None  # persona cache lives here; None: a temporary directory
+
+    def __post_init__(self) -> None:
+        if not self.slots or min(self.slots) < 1:
+            raise ValueError("slot counts must be >= 1")
+        if self.ticks < 1 or self.warmup < 0 or self.churn_every < 0:
+            raise ValueError("ticks must be >= 1, warmup and churn_every >= 0")
+
+
+@dataclass
+class _Sink:
+    """Records what the engine delivers to the bench's calls."""
+
+    pickups_ms: list[float] = field(default_factory=list)
+    frames: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __call__(self, item: object) -> None:
+        if isinstance(item, bytes):
+            self.frames += 1
+        elif isinstance(item, Ready):
+            self.pickups_ms.append(item.prefill_ms)
+        elif isinstance(item, Error):
+            self.errors.append(f"{item.code}: {item.message}")
+
+
+class _BenchTokenizer:
+    """Stands in for sentencepiece (the bench has no tokenizer file): one piece per id."""
+
+    def __init__(self, vocab: int) -> None:
+        self._pieces = [f"▁w{i}" for i in range(vocab)]
+
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    def id_to_piece(self, id: int) -> str:
+        return self._pieces[id]
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + ord(c) % (len(self._pieces) - 4) for c in text]
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Counts torch calls made from Python, and the sync-prone ones with their call sites, apart for
+    the tick and for joins (calls made under `Runtime.join_slot`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tick_calls = 0
+        self.join_calls = 0
+        self.tick_syncs: list[str] = []
+        self.join_syncs: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        sync = name in _SYNC_CALLS or (name in ("__getitem__", "__setitem__") and _bool_index(args))
+        site, in_join = _call_site()
+        if in_join:
+            self.join_calls += 1
+            if sync:
+                self.join_syncs.append(f"{site} {name}")
+        else:
+            self.tick_calls += 1
+            if sync:
+                self.tick_syncs.append(f"{site} {name}")
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args: tuple) -> bool:
+    """A bool-mask index (x[mask], x[mask] = v): its result size needs the mask's count on the host."""
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+def _call_site() -> tuple[str, bool]:
+    """('app/...py:line' of the innermost caller in the app, whether it runs under a join)."""
+    app_dir = REPO_ROOT / "app"
+    frame = inspect.currentframe()
+    site = None
+    in_join = False
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if site is None and path.is_relative_to(app_dir) and path.name != "bench.py":
+            site = f"{path.relative_to(REPO_ROOT)}:{frame.f_lineno}"
+        in_join = in_join or frame.f_code.co_name == "join_slot"
+        frame = frame.f_back
+    return site or "?", in_join
+
+
+# ------------------------------------------------------------------------------------ models
+@dataclass
+class _Weights:
+    """Random weights built once and shared by the models of every slot count."""
+
+    lm_cfg: LMConfig
+    mimi_cfg: MimiConfig
+    dtype: torch.dtype
+    lm: dict[str, torch.Tensor]
+    mimi: dict[str, torch.Tensor]
+
+
+def _configs(options: BenchOptions) -> tuple[LMConfig, MimiConfig]:
+    lm_cfg = LMConfig.personaplex_7b() if options.full else LMConfig.tiny()
+    mimi_cfg = MimiConfig.personaplex() if options.full else MimiConfig.tiny()
+    if options.context is not None:
+        lm_cfg = dataclasses.replace(lm_cfg, context=options.context)
+    return lm_cfg, mimi_cfg
+
+
+def build_weights(options: BenchOptions, device: torch.device, dtype: torch.dtype) -> tuple[_Weights, PersonaPlexLM, Mimi]:
+    """Random weights on `device`, plus one-slot models holding them (for the persona prefill).
+
+    The LM is built on the meta device, materialised with `to_empty` on `device` and filled by its
+    own random init (normal, std 0.02; norms 1): no checkpoint file and no host copy of 16 GB.
+    Mimi (79 M parameters) is built directly on `device` with its own init, in float32 as in the worker.
+    """
+    lm_cfg, mimi_cfg = _configs(options)
+    torch.manual_seed(options.seed)
+    with torch.device("meta"):
+        lm = PersonaPlexLM(lm_cfg, max_slots=1, dtype=dtype)
+    lm.to_empty(device=device)
+    lm.init_weights()
+    lm.init_state()
+    lm.eval()
+    mimi = Mimi(mimi_cfg, max_slots=1, device=device, dtype=torch.float32)
+    mimi.init_state()
+    mimi.eval()
+    weights = _Weights(lm_cfg, mimi_cfg, dtype, dict(lm.state_dict()), dict(mimi.state_dict()))
+    return weights, lm, mimi
+
+
+def models_for(weights: _Weights, slots: int, device: torch.device) -> tuple[PersonaPlexLM, Mimi]:
+    """LM and Mimi for `slots` calls sharing `weights` (no copy); only the per-slot state is new."""
+    with torch.device("meta"):
+        lm = PersonaPlexLM(weights.lm_cfg, max_slots=slots, dtype=weights.dtype)
+        mimi = Mimi(weights.mimi_cfg, max_slots=slots, dtype=torch.float32)
+    for model, state in ((lm, weights.lm), (mimi, weights.mimi)):
+        model.load_state_dict(state, strict=True, assign=True)
+        _materialise_buffers(model, device)
+        model.init_state()
+        model.eval()
+    return lm, mimi
+
+
+def _materialise_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate the buffers still on meta (per-slot state) on `device`; `init_state` fills them."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                setattr(module, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))
+
+
+# ------------------------------------------------------------------------------------ persona
+@dataclass(frozen=True)
+class _Persona:
+    book: PersonaBook
+    tokens: list[int]
+    voice: prompts.Voice
+    state: SlotState
+    prefill_ms: float  # the prompt prefill, computed once (cache miss), and written to the cache
+    load_ms: float  # reading it back from the persona cache onto the device (cache hit)
+    frames: int
+    prefill_was_cached: bool  # the cache already held it (--state-dir of an earlier run): no prefill ran
+
+
+def make_persona(
+    options: BenchOptions, lm: PersonaPlexLM, mimi: Mimi, cache_dir: Path, device: torch.device
+) -> _Persona:
+    """A synthetic persona (voice prompt from synthetic speech, random role tokens) through the cache."""
+    rng = np.random.default_rng(options.seed)
+    voice = prompts.voice_embeddings_from_audio(lm, mimi, loading.synthetic_voice(rng, options.voice_seconds))
+    tokens = [int(t) for t in rng.integers(4, lm.cfg.text_card, options.role_tokens)]
+    cache = persona_cache.PersonaCache(cache_dir, lm.cfg, lm.kv_dtype)
+    key = persona_cache.state_key(
+        checkpoint=f"bench-random:{'full' if options.full else 'tiny'}:seed={options.seed}",
+        cfg=lm.cfg, dtype=lm.dtype, kv_dtype=lm.kv_dtype, device=device, role_tokens=tokens, voice=voice,
+    )
+    started = time.perf_counter()
+    _, was_cached = cache.get_or_compute(
+        PERSONA_ID, key, device, lambda: prompts.build_prompt_state(lm, 0, tokens, voice)
+    )
+    _sync(device)
+    prefill_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    state = cache.load(PERSONA_ID, key, device)
+    _sync(device)
+    load_ms = (time.perf_counter() - started) * 1000
+    if state is None:
+        raise RuntimeError(f"the persona cache in {cache_dir} lost the state it just wrote")
+    persona = Persona(id=PERSONA_ID, name="Bench persona", prompt="random role tokens", voice="NATF2")
+    book = PersonaBook(personas={PERSONA_ID: persona}, sources={PERSONA_ID: cache_dir}, default_id=PERSONA_ID)
+    return _Persona(book, tokens, voice, state, prefill_ms, load_ms, int(state.offset), was_cached)
+
+
+def _runtime(lm: PersonaPlexLM, mimi: Mimi, persona: _Persona, device: torch.device) -> Runtime:
+    return Runtime(
+        kind="bench",
+        source="random weights",
+        device=device,
+        dtype=lm.dtype,
+        lm=lm,
+        mimi=mimi,
+        tokenizer=_BenchTokenizer(lm.cfg.text_card),
+        personas=persona.book,
+        role_tokens={PERSONA_ID: persona.tokens},
+        voices={PERSONA_ID: persona.voice},
+        prompt_states={PERSONA_ID: persona.state},
+        prompt_ms={PERSONA_ID: persona.load_ms},
+        prompt_cached={PERSONA_ID: True},
+    )
+
+
+# ------------------------------------------------------------------------------------ running
+def caller_frames(n: int, seed: int) -> list[bytes]:
+    """n frames of speech-like caller audio (PCM16, 24 kHz)."""
+    rng = np.random.default_rng(seed)
+    audio = np.concatenate([loading.synthetic_voice(rng, 1.0) for _ in range(-(-n * FRAME_SAMPLES // 24000))])
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    return [pcm[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].tobytes() for i in range(n)]
+
+
+def dispatch_us(device: torch.device, rounds: int = 400) -> float:
+    """Host cost of one small torch call on `device` (microseconds): Python + dispatch (+ launch on a
+    GPU), the mean over a mix of the calls a tick is made of (indexing, where, gather, linear, cat,
+    arithmetic) on tensors too small for their math to count."""
+    x = torch.zeros(4, 8, device=device)
+    w = torch.zeros(8, 8, device=device)
+    m = torch.zeros(4, dtype=torch.bool, device=device)
+    idx = torch.zeros(4, 1, dtype=torch.long, device=device)
+    mix = (
+        lambda: x[:, 0],
+        lambda: torch.where(m[:, None], x, 0.0),
+        lambda: x.gather(1, idx),
+        lambda: torch.nn.functional.linear(x, w),
+        lambda: torch.cat([x, x], dim=1),
+        lambda: x * 2 + 1,  # two calls
+    )
+    calls_per_round = len(mix) + 1
+    for fn in mix * 20:
+        fn()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for fn in mix:
+            fn()
+    elapsed = time.perf_counter() - started
+    _sync(device)
+    return elapsed / (rounds * calls_per_round) * 1e6
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _ms(seconds: list[float], q: float) -> float:
+    return round(_pct(seconds, q) * 1000, 3)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS of the process so far"
+
+
+def _audit_step(step: Callable[[], TickResult], device: torch.device) -> dict[str, Any]:
+    """One engine step (a join, then a tick; not timed) counting torch calls and sync-prone calls; on
+    CUDA also the syncs torch itself reports (`torch.cuda.set_sync_debug_mode`)."""
+    counter = _TorchCalls()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with counter:
+                step()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    audit: dict[str, Any] = {
+        "torch_calls_per_tick": counter.tick_calls,
+        "host_syncs_per_tick": len(counter.tick_syncs),
+        "host_sync_sites": sorted(set(counter.tick_syncs)),
+        "torch_calls_per_join": counter.join_calls,
+        "join_sync_sites": sorted(set(counter.join_syncs)),
+    }
+    if device.type == "cuda":  # join and tick together
+        audit["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught)
+    return audit
+
+
+def run_slots(
+    slots: int, weights: _Weights, persona: _Persona, options: BenchOptions, device: torch.device, per_call_us: float
+) -> dict[str, Any]:
+    """Run one slot count and return its JSON object."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lm, mimi = models_for(weights, slots, device)
+    engine = Engine(_runtime(lm, mimi, persona, device), worker_id="bench", max_queue_frames=2,
+                    metrics=WorkerMetrics(slots))
+    sink = _Sink()
+    frames = caller_frames(64, options.seed + slots)
+    calls: list[Lease] = []
+    opened = 0
+
+    def churn(t: int) -> None:
+        """Every churn_every ticks the oldest call hangs up; free slots are filled with new calls."""
+        nonlocal opened
+        if options.churn_every and t and t % options.churn_every == 0 and calls:
+            engine.end(calls.pop(0))  # leaves at this step's apply; its slot is free for the next
+        while len(calls) < slots:
+            lease = engine.open(f"bench-{slots}-{opened}", PERSONA_ID, Sampling(seed=opened), sink)
+            if lease is None:
+                break
+            calls.append(lease)
+            opened += 1
+        for lease in calls:
+            engine.push(lease, frames[t % len(frames)])
+
+    ticks: list[TickResult] = []
+    steps: list[float] = []
+    pickups_before = 0
+    limit = 3 * (options.warmup + options.ticks) + 10
+    with torch.inference_mode():
+        t = 0
+        while len(ticks) < options.ticks:  # ticks without any call running (after a churn) don't count
+            if t > limit:
+                raise RuntimeError(f"{slots} slots: only {len(ticks)} busy ticks in {t} steps")
+            if t == options.warmup:
+                pickups_before = len(sink.pickups_ms)
+            churn(t)
+            started = time.perf_counter()
+            result = engine.step()
+            step_s = time.perf_counter() - started
+            if t >= options.warmup and result.slots:
+                ticks.append(result)
+                steps.append(step_s)
+            t += 1
+        pickups = sink.pickups_ms[pickups_before:] or sink.pickups_ms
+        # One more churn, so that the audited step holds exactly one join and a full tick.
+        engine.end(calls.pop(0))
+        for lease in calls:
+            engine.push(lease, frames[t % len(frames)])
+        engine.step()
+        lease = engine.open(f"bench-{slots}-audit", PERSONA_ID, Sampling(seed=opened), sink)
+        if lease is None:
+            raise RuntimeError(f"{slots} slots: no slot free after a call left")
+        for lease in [*calls, lease]:
+            engine.push(lease, frames[(t + 1) % len(frames)])
+        audit = _audit_step(engine.step, device)
+    if sink.errors:
+        raise RuntimeError(f"{slots} slots: the engine reported {sink.errors[:3]}")
+    tick_s = [r.duration_s for r in ticks]
+    bookkeeping_s = [r.duration_s - r.model_s for r in ticks]
+    dispatch_s = audit["torch_calls_per_tick"] * per_call_us / 1e6
+    if device.type == "cuda":
+        host_s = [r.duration_s - r.wait_s for r in ticks]
+        host_method = "wall time of the tick minus the time blocked in its device->host copy"
+    else:
+        host_s = [b + dispatch_s for b in bookkeeping_s]
+        host_method = ("estimate: engine work outside the model (measured) + torch calls per tick x "
+                       "host cost of one small torch call (measured)")
+    peak, peak_kind = _peak_memory(device)
+    record: dict[str, Any] = {
+        "device": _device_name(device),
+        "model": "full" if options.full else "tiny",
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "kv_dtype": str(lm.kv_dtype).removeprefix("torch."),
+        "context": lm.cfg.context,
+        "slots": slots,
+        "ticks": len(ticks),
+        "warmup_ticks": options.warmup,
+        "rows_per_tick_mean": round(statistics.fmean(len(r.slots) for r in ticks), 2),
+        "tick_p50_ms": _ms(tick_s, 0.50),
+        "tick_p99_ms": _ms(tick_s, 0.99),
+        "tick_max_ms": _ms(tick_s, 1.0),
+        "within_budget": _ms(tick_s, 0.99) <= options.budget_ms,
+        "step_p50_ms": _ms(steps, 0.50),
+        "step_p99_ms": _ms(steps, 0.99),
+        "host_ms_p50": _ms(host_s, 0.50),
+        "host_bookkeeping_ms_p50": _ms(bookkeeping_s, 0.50),
+        "host_dispatch_ms_est": round(dispatch_s * 1000, 3),
+        "host_method": host_method,
+        "dispatch_us_per_call": round(per_call_us, 3),
+        "pickup_ms": round(_pct(pickups, 0.50), 3),
+        "pickup_max_ms": round(max(pickups), 3),
+        "pickups": len(pickups),
+        "peak_memory_bytes": peak,
+        "peak_memory_gib": round(peak / 2**30, 3),
+        "peak_memory_kind": peak_kind,
+        **audit,
+    }
+    del engine, lm, mimi
+    _free(device)
+    return record
+
+
+def run_bench(options: BenchOptions, emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Run every slot count, `emit` each JSON object as it is done, the summary last; returns them all."""
+    device, dtype = resolve_device(options.device, options.dtype)
+    if options.full and options.dtype == "auto":
+        dtype = torch.bfloat16
+    if options.full and device.type != "cuda":
+        logger.warning("--full on %s: 16 GB of weights and very slow ticks; it is meant for a GPU", device)
+    threads_before = torch.get_num_threads()
+    threads = engine_threads(device)  # what the worker's engine thread uses
+    torch.set_num_threads(threads)
+    try:
+        return _run_all(options, device, dtype, threads, emit)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_all(
+    options: BenchOptions, device: torch.device, dtype: torch.dtype, threads: int,
+    emit: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    logger.info("bench: %s model on %s/%s, slots %s, %d+%d ticks, %d torch threads",
+                "full" if options.full else "tiny", device, dtype, list(options.slots), options.warmup,
+                options.ticks, threads)
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-persona-") as tmp, torch.inference_mode():
+        cache_dir = (options.state_dir or Path(tmp)) / persona_cache.CACHE_DIRNAME
+        started = time.perf_counter()
+        weights, lm1, mimi1 = build_weights(options, device, dtype)
+        _sync(device)
+        build_s = time.perf_counter() - started
+        persona = make_persona(options, lm1, mimi1, cache_dir, device)
+        del lm1, mimi1
+        _free(device)
+        logger.info("weights built in %.1f s; persona prompt of %d frames: prefill %.1f ms, cache load %.1f ms",
+                    build_s, persona.frames, persona.prefill_ms, persona.load_ms)
+        per_call_us = dispatch_us(device)
+        out_of_memory = None
+        for slots in options.slots:
+            if out_of_memory is not None:
+                record = {"slots": slots, "error": f"skipped: {out_of_memory} slots ran out of memory"}
+            else:
+                try:
+                    record = run_slots(slots, weights, persona, options, device, per_call_us)
+                except torch.OutOfMemoryError as exc:
+                    logger.warning("%d slots: out of memory: %s", slots, exc)
+                    out_of_memory = slots
+                    record = {"slots": slots, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+                if out_of_memory == slots:
+                    _free(device)  # after the except block: the traceback no longer holds the tensors
+            records.append(record)
+            emit(record)
+    fitting = [r["slots"] for r in records if "tick_p99_ms" in r and r["tick_p99_ms"] <= options.budget_ms]
+    summary = {
+        "summary": True,
+        "device": _device_name(device),
+        "model": "full" if options.full else "tiny",
+        "budget_ms": options.budget_ms,
+        "max_slots_within_budget": max(fitting) if fitting else None,
+        "persona_prompt_frames": persona.frames,
+        "persona_prefill_ms": round(persona.prefill_ms, 3),
+        "persona_prefill_was_cached": persona.prefill_was_cached,
+        "persona_cache_load_ms": round(persona.load_ms, 3),
+        "weights_build_s": round(build_s, 3),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "commit": _commit(),
+    }
+    records.append(summary)
+    emit(summary)
+    return records
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def _commit() -> str | None:
+    """The repository's short commit (for the README's table), None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.info("no git commit for the report: %s", exc)
+        return None
+    return done.stdout.strip() or None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
