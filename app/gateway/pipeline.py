@@ -20,6 +20,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.serializers.base_serializer import FrameSerializer
+from pipecat.transports.base_transport import BaseTransport
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 
 from app.pipecat.service import PersonaPlexService
@@ -39,6 +40,32 @@ class TranscriptRecorder(FrameProcessor):
         if isinstance(frame, TTSTextFrame) and direction == FrameDirection.DOWNSTREAM:
             self._on_text(frame.text)
         await self.push_frame(frame, direction)
+
+
+def call_worker(
+    transport: BaseTransport,
+    service: PersonaPlexService,
+    on_text: Callable[[str], None],
+    *,
+    call_id: str,
+    sample_rate: int,
+) -> PipelineWorker:
+    """transport in -> PersonaPlexService -> TranscriptRecorder -> transport out, for one call.
+
+    The pipeline runs at the transport's own rate both ways (the service converts); no VAD,
+    interruptions, turn tracking or idle timeout: the persona's max duration applies.
+    """
+    pipeline = Pipeline([transport.input(), service, TranscriptRecorder(on_text), transport.output()])
+    return PipelineWorker(
+        pipeline,
+        name=f"call-{call_id}",
+        params=PipelineParams(audio_in_sample_rate=sample_rate, audio_out_sample_rate=sample_rate),
+        enable_rtvi=False,
+        enable_turn_tracking=False,
+        idle_timeout_secs=None,
+        cancel_on_idle_timeout=False,
+        cancel_timeout_secs=5.0,
+    )
 
 
 def build_twilio_pipeline(
@@ -67,15 +94,4 @@ def build_twilio_pipeline(
         input_name=f"twilio-in-{call_id}",
         output_name=f"twilio-out-{call_id}",
     )
-    pipeline = Pipeline([transport.input(), service, TranscriptRecorder(on_text), transport.output()])
-    worker = PipelineWorker(
-        pipeline,
-        name=f"call-{call_id}",
-        params=PipelineParams(audio_in_sample_rate=TELEPHONE_RATE, audio_out_sample_rate=TELEPHONE_RATE),
-        enable_rtvi=False,
-        enable_turn_tracking=False,
-        idle_timeout_secs=None,
-        cancel_on_idle_timeout=False,
-        cancel_timeout_secs=5.0,
-    )
-    return worker, transport
+    return call_worker(transport, service, on_text, call_id=call_id, sample_rate=TELEPHONE_RATE), transport

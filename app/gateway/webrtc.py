@@ -43,8 +43,7 @@ from typing import Any, Literal
 from aiortc.exceptions import InvalidStateError
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
@@ -53,7 +52,7 @@ from redis.exceptions import RedisError
 
 from app import protocol
 from app.callstate import CallStatus, CallStore, EndReason, Reservation
-from app.gateway.pipeline import TranscriptRecorder
+from app.gateway.pipeline import call_worker
 from app.gateway.session import CallSession, fail_call
 from app.gateway.state import GatewayState, gateway_state
 from app.personas import Persona
@@ -173,18 +172,7 @@ def build_webrtc_pipeline(
         input_name=f"webrtc-in-{call_id}",
         output_name=f"webrtc-out-{call_id}",
     )
-    pipeline = Pipeline([transport.input(), service, TranscriptRecorder(on_text), transport.output()])
-    worker = PipelineWorker(
-        pipeline,
-        name=f"call-{call_id}",
-        params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE, audio_out_sample_rate=SAMPLE_RATE),
-        enable_rtvi=False,
-        enable_turn_tracking=False,
-        idle_timeout_secs=None,
-        cancel_on_idle_timeout=False,
-        cancel_timeout_secs=5.0,
-    )
-    return worker, transport
+    return call_worker(transport, service, on_text, call_id=call_id, sample_rate=SAMPLE_RATE), transport
 
 
 @dataclass
