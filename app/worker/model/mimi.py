@@ -22,6 +22,7 @@ other rows keep every state tensor bit for bit.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -142,11 +143,12 @@ def _uniform_(t: Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
-class _Stateful(nn.Module):
+class _Stateful(nn.Module, abc.ABC):
     """A module holding per-slot streaming state."""
 
+    @abc.abstractmethod
     def reset_slots(self, mask: Tensor) -> None:
-        raise NotImplementedError
+        """Clear the state of the rows where `mask` [S] is True."""
 
 
 class _CausalConv1d(_Stateful):
