@@ -22,6 +22,8 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.protocol import MAX_TOP_K
+
 BUNDLED_VOICES = frozenset(
     [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
 )
@@ -36,9 +38,9 @@ class PersonaSampling(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text_temperature: float = Field(default=0.7, ge=0, le=5)
-    text_top_k: int = Field(default=25, ge=0)
+    text_top_k: int = Field(default=25, ge=0, le=MAX_TOP_K)
     audio_temperature: float = Field(default=0.8, ge=0, le=5)
-    audio_top_k: int = Field(default=250, ge=0)
+    audio_top_k: int = Field(default=250, ge=0, le=MAX_TOP_K)
 
 
 class Persona(BaseModel):

@@ -22,6 +22,7 @@ FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one Mimi frame
 FRAME_BYTES = FRAME_SAMPLES * 2  # PCM16
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 SESSION_PATH = "/v1/session"
+MAX_TOP_K = 512  # the engine's top-k bound (app/worker/model/sampling.py); 0 = no top-k filter
 
 
 class ProtocolError(ValueError):
@@ -36,9 +37,9 @@ class Sampling(_Message):
     """Per-call sampling overrides; None keeps the persona's value."""
 
     text_temperature: float | None = Field(default=None, ge=0, le=5)
-    text_top_k: int | None = Field(default=None, ge=0)
+    text_top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K)
     audio_temperature: float | None = Field(default=None, ge=0, le=5)
-    audio_top_k: int | None = Field(default=None, ge=0)
+    audio_top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
 

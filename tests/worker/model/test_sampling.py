@@ -113,3 +113,20 @@ def test_top_k_distribution_renormalised():
     probs = torch.softmax(logits[0, :2], dim=-1)
     assert float(freq[2:].sum()) == 0.0
     assert float((freq[:2] - probs).abs().max()) < 0.015
+
+
+def test_top_k_bound_is_the_one_personas_and_the_protocol_accept():
+    from app import protocol
+
+    assert protocol.MAX_TOP_K == sampling.MAX_TOP_K
+
+
+def test_top_k_up_to_the_bound_equals_a_full_sort():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 32000, generator=gen)
+    top_k = torch.tensor([1, 25, 250, sampling.MAX_TOP_K, 0, 32000])
+    kept = sampling.top_k_mask(logits, top_k)
+    ranks = logits.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of each token in its row
+    for row, k in enumerate(top_k.tolist()):
+        expected = ranks[row] < k if 0 < k < 32000 else torch.ones(32000, dtype=torch.bool)
+        assert torch.equal(kept[row], expected), k
