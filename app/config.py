@@ -90,3 +90,9 @@ class GatewaySettings(RedisSettings):
         default=4, ge=1, description="bot 80 ms frames buffered toward the caller before dropping"
     )
     worker_connect_timeout_s: float = Field(default=10.0, gt=0)
+    webrtc_ice_servers: list[str] = Field(
+        default=[],
+        description='softphone STUN/TURN URLs, JSON list: ["stun:stun.example.com:3478", "turn:turn.example.com"]',
+    )
+    webrtc_turn_username: str | None = Field(default=None, description="username for the turn: URLs")
+    webrtc_turn_credential: str | None = Field(default=None, description="credential for the turn: URLs")

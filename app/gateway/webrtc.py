@@ -1,7 +1,7 @@
 """The browser softphone: a page, the persona list and WebRTC offers (Pipecat's SmallWebRTC on aiortc).
 
 GET  /                the softphone page (plain HTML/CSS/JS from app/gateway/static, no network needed)
-GET  /api/personas    {"personas": [{"id", "name"}], "default": id} for the page's picker
+GET  /api/personas    {"personas": [{"id", "name"}], "default": id, "ice_servers": [...]} for the page
 POST /api/offer       {"sdp", "type": "offer", "persona"} -> {"sdp", "type": "answer", "pc_id", "call_id", ...}
                       400 {"error", "message"} for a bad request or SDP, 503 {"error": "busy", ...}
                       when no worker has a free slot (the record ends rejected, busy)
@@ -45,13 +45,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.transports.base_transport import TransportParams
-from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from app import protocol
 from app.callstate import CallStatus, CallStore, EndReason, Reservation
+from app.config import GatewaySettings
 from app.gateway.pipeline import call_worker
 from app.gateway.session import CallSession, fail_call
 from app.gateway.state import GatewayState, gateway_state
@@ -207,10 +208,12 @@ class Softphone:
 
     async def personas(self, request: Request) -> dict[str, Any]:
         """The personas a caller can pick: id and display name only."""
-        book = gateway_state(request).personas
+        state = gateway_state(request)
+        book = state.personas
         return {
             "personas": [{"id": p.id, "name": p.name} for p in book.personas.values()],
             "default": book.default_id,
+            "ice_servers": [_ice_server_json(server) for server in ice_servers(state.settings)],
         }
 
     # ------------------------------------------------------------------ offers
@@ -233,7 +236,9 @@ class Softphone:
         if problem is not None:
             logger.warning("webrtc offer refused: %s", problem)
             return _error(400, "bad_sdp", problem)
-        connection = SmallWebRTCConnection(connection_timeout_secs=BROWSER_CONNECT_TIMEOUT_S)
+        connection = SmallWebRTCConnection(
+            ice_servers=ice_servers(state.settings) or None, connection_timeout_secs=BROWSER_CONNECT_TIMEOUT_S
+        )
         try:
             await connection.initialize(sdp=offer.sdp, type=offer.type)
         except Exception as exc:  # aiortc reports malformed SDP as ValueError, AttributeError, AssertionError...
@@ -374,6 +379,31 @@ async def _connect_watchdog(session: WebRTCCallSession) -> None:
         session.request_end(
             EndReason.ERROR, f"the browser did not connect within {BROWSER_CONNECT_TIMEOUT_S} s (ICE/DTLS)"
         )
+
+
+def ice_servers(settings: GatewaySettings) -> list[IceServer]:
+    """WEBRTC_ICE_SERVERS as ICE servers; turn: URLs carry the configured TURN credentials."""
+    servers = []
+    for url in settings.webrtc_ice_servers:
+        if url.startswith(("turn:", "turns:")):
+            servers.append(
+                IceServer(
+                    urls=url, username=settings.webrtc_turn_username, credential=settings.webrtc_turn_credential
+                )
+            )
+        else:
+            servers.append(IceServer(urls=url))
+    return servers
+
+
+def _ice_server_json(server: IceServer) -> dict[str, str]:
+    """An RTCIceServer dictionary for the page's RTCPeerConnection."""
+    out = {"urls": server.urls}
+    if server.username is not None:
+        out["username"] = server.username
+    if server.credential is not None:
+        out["credential"] = server.credential
+    return out
 
 
 async def _close_quietly(connection: SmallWebRTCConnection) -> None:

@@ -61,6 +61,22 @@ async def test_personas_lists_ids_and_names_only(
     book = load_personas(REPO / "personas")
     assert body["default"] == book.default_id
     assert body["personas"] == [{"id": p.id, "name": p.name} for p in book.personas.values()]
+    assert body["ice_servers"] == []
+
+
+async def test_configured_ice_servers_reach_the_page_with_turn_credentials(
+    gateway_factory: Callable[..., GatewayServer], http: httpx.AsyncClient
+) -> None:
+    gateway = gateway_factory(
+        webrtc_ice_servers=["stun:stun.example.com:3478", "turn:turn.example.com:3478"],
+        webrtc_turn_username="callcenter",
+        webrtc_turn_credential="s3cret",
+    )
+    body = (await http.get(f"{gateway.base}/api/personas")).json()
+    assert body["ice_servers"] == [
+        {"urls": "stun:stun.example.com:3478"},
+        {"urls": "turn:turn.example.com:3478", "username": "callcenter", "credential": "s3cret"},
+    ]
 
 
 async def test_bad_offers_get_400_with_a_clear_message_and_no_call(

@@ -35,6 +35,7 @@
   let call = null;       // the call in progress: {seq, pc, channel, mic, micMeter, botMeter, timers}
   let seq = 0;           // a newer call (or a hang-up) makes an older call's callbacks no-ops
   let audioCtx = null;
+  let iceServers = [];   // STUN/TURN from the gateway (WEBRTC_ICE_SERVERS)
 
   // ------------------------------------------------------------------ UI
   function setState(state, text) {
@@ -237,7 +238,7 @@
     c.meterTimer = setInterval(() => tickMeters(c), METER_MS);
 
     setState("connecting", `Calling ${phone.persona.name}…`);
-    const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+    const pc = new RTCPeerConnection({ iceServers: iceServers, bundlePolicy: "max-bundle" });
     c.pc = pc;
     c.channel = pc.createDataChannel("events", { ordered: true });
     c.channel.onmessage = (ev) => onServerMessage(c, ev.data);
@@ -297,6 +298,7 @@
       const response = await fetch("/api/personas");
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const body = await response.json();
+      iceServers = body.ice_servers || [];
       ui.persona.replaceChildren(...body.personas.map((p) => new Option(p.name, p.id, false, p.id === body.default)));
       ui.persona.disabled = false;
       setState("idle", "Ready");
