@@ -400,9 +400,20 @@ class CallStore:
             pipe.sadd(f"{PREFIX}workers", worker_id)
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, active_slots: int) -> None:
+    async def heartbeat(self, worker_id: str, active_slots: int, *, url: str, max_slots: int) -> None:
+        """The worker is alive with `active_slots` in use.
+
+        It also (re)writes the registration, so a worker whose record was lost (a Redis restart
+        without persistence, a flush) is routable again within one heartbeat. Reservations are kept.
+        """
         w = f"{PREFIX}worker:{worker_id}"
-        await self.redis.hset(w, mapping={"heartbeat_at": repr(time.time()), "active": active_slots})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                w,
+                mapping={"url": url, "max_slots": max_slots, "heartbeat_at": repr(time.time()), "active": active_slots},
+            )
+            pipe.sadd(f"{PREFIX}workers", worker_id)
+            await pipe.execute()
 
     async def unregister_worker(self, worker_id: str) -> None:
         w = f"{PREFIX}worker:{worker_id}"

@@ -116,9 +116,21 @@ async def test_dead_worker_gets_no_calls_and_restart_clears_its_reservations(sto
 
     await store.register_worker("w", "ws://127.0.0.1:1", max_slots=2)
     assert await store.free_slots() == 2
-    await store.heartbeat("w", active_slots=0)
+    await store.heartbeat("w", active_slots=0, url="ws://127.0.0.1:1", max_slots=2)
     await store.unregister_worker("w")
     assert await store.workers() == []
+
+
+async def test_heartbeat_makes_a_lost_worker_record_routable_again(store: CallStore, redis_client) -> None:
+    """Redis lost the registration (restart without persistence, flush): one heartbeat restores it."""
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=2)
+    assert await store.reserve_slot("kept") is not None
+    await redis_client.delete("cc:worker:w", "cc:workers")
+    assert await store.free_slots() == 0
+    await store.heartbeat("w", active_slots=1, url="ws://127.0.0.1:1", max_slots=2)
+    (info,) = await store.workers()
+    assert (info.url, info.max_slots, info.active, info.reserved, info.alive) == ("ws://127.0.0.1:1", 2, 1, 1, True)
+    assert await store.free_slots() == 1
 
 
 async def test_records_survive_a_restart_of_the_embedded_server(tmp_path) -> None:

@@ -87,7 +87,15 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
                 "worker %s registered at %s with %d slots", worker_id, settings.resolved_worker_url, runtime.max_slots
             )
             heartbeat = asyncio.create_task(
-                _heartbeat(store, engine, worker_id, settings.worker_heartbeat_s, stopping)
+                _heartbeat(
+                    store,
+                    engine,
+                    worker_id,
+                    settings.worker_heartbeat_s,
+                    stopping,
+                    url=settings.resolved_worker_url,
+                    max_slots=runtime.max_slots,
+                )
             )
             app.state.store = store
             yield
@@ -166,7 +174,14 @@ def _authorized(header: str | None, token: str) -> bool:
 
 
 async def _heartbeat(
-    store: CallStore, engine: Engine, worker_id: str, every_s: float, stopping: asyncio.Event
+    store: CallStore,
+    engine: Engine,
+    worker_id: str,
+    every_s: float,
+    stopping: asyncio.Event,
+    *,
+    url: str,
+    max_slots: int,
 ) -> None:
     """Every `every_s` seconds: this worker is alive with this many slots in use (until `stopping`)."""
     while not stopping.is_set():
@@ -176,7 +191,7 @@ async def _heartbeat(
         except TimeoutError:
             pass
         try:
-            await store.heartbeat(worker_id, engine.scheduler.stats().used)
+            await store.heartbeat(worker_id, engine.scheduler.stats().used, url=url, max_slots=max_slots)
         except (RedisError, OSError) as exc:
             logger.warning("heartbeat of worker %s failed: %s", worker_id, exc)
 
