@@ -93,6 +93,7 @@ def children_for(gateway: GatewaySettings, worker: WorkerSettings) -> list[Child
             health_url=f"{g_http}/healthz",
             urls={
                 "gateway": g_http,
+                "softphone (browser)": f"{g_http}/",
                 "twilio voice webhook": f"{public}/twilio/voice",
                 "twilio status callback": f"{public}/twilio/status",
                 "calls (admin)": f"{g_http}/api/calls",

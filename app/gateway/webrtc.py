@@ -388,7 +388,9 @@ def ice_servers(settings: GatewaySettings) -> list[IceServer]:
         if url.startswith(("turn:", "turns:")):
             servers.append(
                 IceServer(
-                    urls=url, username=settings.webrtc_turn_username, credential=settings.webrtc_turn_credential
+                    urls=url,
+                    username=settings.webrtc_turn_username or None,
+                    credential=settings.webrtc_turn_credential or None,
                 )
             )
         else:
