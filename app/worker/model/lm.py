@@ -678,9 +678,13 @@ class PersonaPlexLM(nn.Module):
             for _ in dcfg.layers
         ]
         audio_tokens, audio_logits = [], []
+        steps = torch.arange(1, p + 1, device=dev)  # the depformer steps' sampling streams
+        noise = sampling.gumbel(self.seed[:, None], o[:, None], steps, cfg.card)  # [S, P, card], one go
         for k in range(p):
             logits = dcfg.step(k, out, prev, kv)  # [S, card]
-            tok = sampling.sample(logits, self.temp_audio, self.top_k_audio, self.seed, o, 1 + k)
+            tok = sampling.sample(
+                logits, self.temp_audio, self.top_k_audio, self.seed, o, 1 + k, noise=noise[:, k]
+            )
             prev = torch.where(prov[:, 1 + k], target[:, 1 + k], tok)
             audio_tokens.append(tok)
             if return_logits:

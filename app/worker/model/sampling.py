@@ -39,7 +39,7 @@ def row_keys(seed: Tensor, offset: Tensor, stream: Tensor | int) -> Tensor:
     seed = seed.long()
     offset = offset.long()
     if isinstance(stream, Tensor):
-        stream_t = stream.to(seed.device, torch.long).expand_as(seed)
+        stream_t = stream.to(seed.device, torch.long)  # broadcasts: [N] with [N], or [P] with [N, 1]
     else:
         stream_t = torch.full_like(seed, int(stream))  # a fill kernel: no host copy, graph-capturable
     k = hash32(((seed >> 32) & _MASK32) ^ 0x9E3779B9)  # [N]
@@ -51,10 +51,14 @@ def row_keys(seed: Tensor, offset: Tensor, stream: Tensor | int) -> Tensor:
 
 
 def uniform(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> Tensor:
-    """Uniform numbers in (0, 1), float32 [N, vocab], one per (row, token id)."""
-    keys = row_keys(seed, offset, stream)  # [N]
+    """Uniform numbers in (0, 1), float32 [..., vocab], one per (row, stream, token id).
+
+    seed, offset [N] with stream int or [N] give [N, V]; seed, offset [N, 1] with stream [P] give
+    [N, P, V]: the noise of P streams in one go, equal to P separate calls.
+    """
+    keys = row_keys(seed, offset, stream)  # [N] or [N, P]
     tokens = torch.arange(vocab, device=seed.device, dtype=torch.long)
-    bits = hash32(keys[:, None] ^ hash32(tokens + 0x632BE5AB)[None, :])  # [N, V]
+    bits = hash32(keys[..., None] ^ hash32(tokens + 0x632BE5AB))  # [..., V]
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
@@ -89,12 +93,15 @@ def sample(
     seed: Tensor,
     offset: Tensor,
     stream: Tensor | int,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Sample one token per row.
 
     logits [N, V] (any float dtype, computed in float32); temperature [N] float; top_k [N] long;
     seed [N] long; offset [N] long (the row's own step counter); stream: int or [N] long (which
     token stream of the step: 0 text, 1 + k depformer step k). Returns [N] long.
+    noise [N, V]: this stream's `gumbel(seed, offset, stream, V)` when the caller made it already
+    (e.g. for all depformer steps at once); then seed/offset/stream are not used.
     Rows with temperature <= 0 take the argmax of the logits.
     """
     if logits.dim() != 2:
@@ -104,7 +111,9 @@ def sample(
     temp = temperature.to(torch.float32)
     greedy = temp <= 0  # [N]
     safe_temp = torch.where(greedy, torch.ones_like(temp), temp)
-    scores = logits / safe_temp[:, None] + gumbel(seed, offset, stream, vocab)
+    if noise is None:
+        noise = gumbel(seed, offset, stream, vocab)
+    scores = logits / safe_temp[:, None] + noise
     scores = scores.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
     sampled = scores.argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled)

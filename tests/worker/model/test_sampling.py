@@ -130,3 +130,12 @@ def test_top_k_up_to_the_bound_equals_a_full_sort():
     for row, k in enumerate(top_k.tolist()):
         expected = ranks[row] < k if 0 < k < 32000 else torch.ones(32000, dtype=torch.bool)
         assert torch.equal(kept[row], expected), k
+
+
+def test_noise_of_several_streams_at_once_equals_one_stream_at_a_time():
+    seed = torch.tensor([0, 7, 2**40 + 3])
+    offset = torch.tensor([1, 55, 3000])
+    streams = torch.arange(1, 9)
+    together = sampling.gumbel(seed[:, None], offset[:, None], streams, 64)  # [3, 8, 64]
+    for k in range(8):
+        assert torch.equal(together[:, k], sampling.gumbel(seed, offset, 1 + k, 64))
