@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from app.callstate import CallStore
 from app.personas import PersonaBook, load_personas
 from tests.gateway.conftest import REPO, GatewayServer, statuses, wait_for_end
-from tests.gateway.twilio_fake import MediaStream, parse_twiml, post_signed, tone, voice_params
+from tests.gateway.twilio_fake import MediaStream, Twiml, parse_twiml, post_signed, tone, voice_params
 from tests.pipecat.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.asyncio
@@ -36,6 +36,14 @@ async def ring(http: httpx.AsyncClient, gateway: GatewayServer, call_sid: str, t
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/xml")
     return parse_twiml(response.text)
+
+
+async def answer(http: httpx.AsyncClient, gateway: GatewayServer, call_sid: str) -> tuple[Twiml, MediaStream]:
+    """Ring, then open and start the media stream the TwiML names, as Twilio does."""
+    twiml = await ring(http, gateway, call_sid)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start(twiml.parameters)
+    return twiml, stream
 
 
 async def test_signed_webhook_returns_connect_stream_twiml_with_parameters(
@@ -184,9 +192,7 @@ async def test_an_abrupt_drop_ends_the_record_and_frees_the_slot(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
     gateway = gateway_factory()
     call_sid = new_call_sid()
-    twiml = await ring(http, gateway, call_sid)
-    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
-    await stream.start(twiml.parameters)
+    twiml, stream = await answer(http, gateway, call_sid)
     await stream.play(tone(0.6))
     assert await store.free_slots() == 0
     await stream.drop()
@@ -203,9 +209,7 @@ async def test_malformed_and_unknown_messages_are_logged_and_the_call_continues(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
     gateway = gateway_factory()
     call_sid = new_call_sid()
-    twiml = await ring(http, gateway, call_sid)
-    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
-    await stream.start(twiml.parameters)
+    twiml, stream = await answer(http, gateway, call_sid)
     junk: list = [
         "this is not json",
         "[1, 2, 3]",
@@ -234,9 +238,7 @@ async def test_the_persona_max_duration_ends_the_call(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
     gateway = gateway_factory(personas=PersonaBook(personas=short, sources=book.sources, default_id=book.default_id))
     call_sid = new_call_sid()
-    twiml = await ring(http, gateway, call_sid)
-    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
-    await stream.start(twiml.parameters)
+    twiml, stream = await answer(http, gateway, call_sid)
     player = asyncio.create_task(stream.play(tone(3.0)))
     assert await stream.wait_closed_by_server(timeout=3.0)  # the gateway hangs up
     player.cancel()
@@ -253,9 +255,7 @@ async def test_losing_the_worker_fails_the_call_with_worker_lost(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
     gateway = gateway_factory()
     call_sid = new_call_sid()
-    twiml = await ring(http, gateway, call_sid)
-    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
-    await stream.start(twiml.parameters)
+    twiml, stream = await answer(http, gateway, call_sid)
     player = asyncio.create_task(stream.play(tone(3.0)))
     assert await stream.wait_closed_by_server(timeout=3.0)
     player.cancel()
@@ -307,9 +307,7 @@ async def test_stopping_the_gateway_ends_running_calls(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
     gateway = gateway_factory()
     call_sid = new_call_sid()
-    twiml = await ring(http, gateway, call_sid)
-    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
-    await stream.start(twiml.parameters)
+    twiml, stream = await answer(http, gateway, call_sid)
     player = asyncio.create_task(stream.play(tone(5.0)))
     await asyncio.sleep(0.5)
     started = time.monotonic()
