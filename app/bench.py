@@ -71,6 +71,7 @@ class BenchOptions:
     voice_seconds: float = 10.0  # the synthetic persona: voice prompt length ...
     role_tokens: int = 60  # ... and role prompt tokens (the reference's 3.7 s pickup had these)
     state_dir: Path | None = None  # persona cache lives here; None: a temporary directory
+    cuda_graph: bool = False  # replay the tick as a CUDA graph (GPU only)
 
     def __post_init__(self) -> None:
         if not self.slots or min(self.slots) < 1:
@@ -112,6 +113,13 @@ class _BenchTokenizer:
         return [4 + ord(c) % (len(self._pieces) - 4) for c in text]
 
 
+def _device_to_host(args: tuple) -> bool:
+    """`host.copy_(device_tensor)`: the host waits for the device (nothing to wait for on a CPU)."""
+    if len(args) < 2 or not isinstance(args[0], torch.Tensor) or not isinstance(args[1], torch.Tensor):
+        return False
+    return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+
+
 class _TorchCalls(TorchFunctionMode):
     """Counts torch calls made from Python, and the sync-prone ones with their call sites, apart for
     the tick and for joins (calls made under `Runtime.join_slot`)."""
@@ -125,7 +133,11 @@ class _TorchCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        sync = name in _SYNC_CALLS or (name in ("__getitem__", "__setitem__") and _bool_index(args))
+        sync = (
+            name in _SYNC_CALLS
+            or (name in ("__getitem__", "__setitem__") and _bool_index(args))
+            or (name == "copy_" and _device_to_host(args))
+        )
         site, in_join = _call_site()
         if in_join:
             self.join_calls += 1
@@ -370,7 +382,7 @@ def run_slots(
         torch.cuda.reset_peak_memory_stats(device)
     lm, mimi = models_for(weights, slots, device)
     engine = Engine(_runtime(lm, mimi, persona, device), worker_id="bench", max_queue_frames=2,
-                    metrics=WorkerMetrics(slots))
+                    metrics=WorkerMetrics(slots), cuda_graph=options.cuda_graph)
     sink = _Sink()
     frames = caller_frames(64, options.seed + slots)
     calls: list[Lease] = []
@@ -440,6 +452,7 @@ def run_slots(
         "dtype": str(lm.dtype).removeprefix("torch."),
         "kv_dtype": str(lm.kv_dtype).removeprefix("torch."),
         "context": lm.cfg.context,
+        "cuda_graph": engine.model_tick.graphed,
         "slots": slots,
         "ticks": len(ticks),
         "warmup_ticks": options.warmup,

@@ -47,6 +47,10 @@ class WorkerSettings(RedisSettings):
     worker_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     worker_state_dir: Path = Field(default=Path("var/worker"), description="tiny checkpoint, persona cache")
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_cuda_graph: bool = Field(
+        default=False,
+        description="replay the engine tick as a CUDA graph (GPU only; not yet validated on a GPU)",
+    )
     worker_max_queue_frames: int = Field(
         default=3, ge=1, description="caller frames a slot may hold before the oldest is dropped"
     )

@@ -43,9 +43,9 @@ def test_bench_prints_one_consistent_object_per_slot_count_and_a_summary(
         assert 0 < r["rows_per_tick_mean"] <= r["slots"]
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_kind"].startswith("peak RSS")
         assert r["within_budget"] == (r["tick_p99_ms"] <= 70.0)
-        # The tick's one host transfer is its only sync-prone call (the issue: at most one per tick).
-        assert r["host_syncs_per_tick"] == 1
-        assert len(r["host_sync_sites"]) == 1 and r["host_sync_sites"][0].startswith("app/worker/engine.py:")
+        # No sync-prone call (item, tolist, bool of a tensor, mask indexing, ...) anywhere in the tick:
+        # its one host transfer (app/worker/tick.py, device -> pinned host) waits for nothing on a CPU.
+        assert r["host_syncs_per_tick"] == 0 and r["host_sync_sites"] == []
         assert r["torch_calls_per_tick"] > r["torch_calls_per_join"] > 0
     fitting = [r["slots"] for r in runs if r["tick_p99_ms"] <= 70.0]
     assert summary["summary"] is True

@@ -28,6 +28,7 @@ from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Ended, Error, Ready, Samp
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
 from app.worker.scheduler import Join, Lease, Release, Scheduler
+from app.worker.tick import ModelTick
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,10 @@ class Engine:
         max_queue_frames: int,
         metrics: WorkerMetrics | None = None,
         tick_s: float = FRAME_SECONDS,
+        cuda_graph: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.model_tick = ModelTick(runtime.lm, runtime.mimi, cuda_graph=cuda_graph)
         self.worker_id = worker_id
         self.tick_s = tick_s
         self.metrics = metrics
@@ -332,31 +335,10 @@ class Engine:
 
     def _run_model(self, plan: list[tuple[Lease, bytes]], started: float) -> TickResult:
         rt = self.runtime
-        lm, mimi = rt.lm, rt.mimi
-        s, dev = lm.max_slots, rt.device
-        cfg = lm.cfg
         rows = [lease.slot for lease, _ in plan]
         audio_in = np.frombuffer(b"".join(frame for _, frame in plan), dtype="<i2").reshape(len(plan), FRAME_SAMPLES)
-        rows_t = torch.tensor(rows, dtype=torch.long)
-        pcm = torch.zeros(s, FRAME_SAMPLES, dtype=torch.float32)  # [S, 1920]
-        pcm[rows_t] = torch.from_numpy(audio_in.astype(np.float32) * (1.0 / 32768.0))
-        active = torch.zeros(s, dtype=torch.bool)  # [S]
-        active[rows_t] = True
         model_started = time.perf_counter()
-        pcm, active = pcm.to(dev, non_blocking=True), active.to(dev, non_blocking=True)
-
-        codes = mimi.encode_step(pcm, active)  # [S, 8] user codes
-        frame = torch.full((s, cfg.num_streams), -1, dtype=torch.long, device=dev)  # [S, 17]
-        user = 1 + cfg.agent_codebooks
-        frame[:, user : user + cfg.agent_codebooks] = codes
-        out = lm.step(frame, active)  # text [S], audio [S, 8], valid [S]
-        bot = mimi.decode_step(out.audio, active & out.valid)  # [S, 1920] float, zeros where not valid
-        bot16 = (bot.float().clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)  # [S, 1920]
-        # One host transfer, the tick's only sync: PCM, text token and agent codes of every row
-        # packed as int16 (ids < 32768); the running rows are picked on the host (fixed shapes).
-        packed = torch.cat([bot16, out.text[:, None].to(torch.int16), out.audio.to(torch.int16)], dim=1)
-        wait_started = time.perf_counter()
-        host = packed.cpu().numpy()[rows]  # [n, 1920 + 1 + 8]
+        host = self.model_tick.run(rows, audio_in)  # [n, 1920 + 1 + 8] int16; the tick's one host sync
         model_done = time.perf_counter()
 
         texts: list[int] = []
@@ -386,7 +368,7 @@ class Engine:
             pcm=frames_out,
             duration_s=time.perf_counter() - started,
             model_s=model_done - model_started,
-            wait_s=model_done - wait_started,
+            wait_s=self.model_tick.last_wait_s,
         )
 
     # ------------------------------------------------------------------------------ helpers

@@ -71,7 +71,11 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
     worker_id = settings.resolved_worker_id
     metrics = WorkerMetrics(runtime.max_slots)
     engine = Engine(
-        runtime, worker_id=worker_id, max_queue_frames=settings.worker_max_queue_frames, metrics=metrics
+        runtime,
+        worker_id=worker_id,
+        max_queue_frames=settings.worker_max_queue_frames,
+        metrics=metrics,
+        cuda_graph=settings.worker_cuda_graph and runtime.device.type == "cuda",
     )
 
     @asynccontextmanager
