@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request, WebSocket
 
-from app.callstate import CallStore
+from app.callstate import CallStore, Reservation
 from app.config import GatewaySettings
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.security import TwilioSignatures
-from app.personas import PersonaBook
+from app.personas import Persona, PersonaBook
+from app.pipecat.service import PersonaPlexService
 
 if TYPE_CHECKING:
     from app.gateway.session import CallSession
@@ -25,6 +26,20 @@ class GatewayState:
     metrics: GatewayMetrics
     signatures: TwilioSignatures
     sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live media session
+
+    def new_service(
+        self, call_id: str, persona: Persona, reservation: Reservation | None = None
+    ) -> PersonaPlexService:
+        """A call's PersonaPlexService with this gateway's worker token, store and queue settings."""
+        return PersonaPlexService(
+            call_id=call_id,
+            persona=persona.id,
+            worker_token=self.settings.worker_token,
+            store=self.store,
+            reservation=reservation,
+            output_queue_frames=self.settings.output_queue_frames,
+            connect_timeout_s=self.settings.worker_connect_timeout_s,
+        )
 
     def frames_dropped_of_live_calls(self) -> list[int]:
         return [s.frames_dropped for s in self.sessions.values()]

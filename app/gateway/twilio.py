@@ -35,7 +35,6 @@ from app.gateway.security import websocket_url
 from app.gateway.serializer import GuardedTwilioSerializer
 from app.gateway.session import CallSession, fail_call
 from app.gateway.state import GatewayState, gateway_state
-from app.pipecat.service import PersonaPlexService
 
 logger = logging.getLogger(__name__)
 
@@ -321,14 +320,7 @@ async def _open_session(state: GatewayState, start: StreamStart, stream_started:
         max_seconds=persona.max_call_seconds,
         started_at=stream_started,
     )
-    service = PersonaPlexService(
-        call_id=call_id,
-        persona=persona.id,
-        worker_token=state.settings.worker_token,
-        store=state.store,
-        output_queue_frames=state.settings.output_queue_frames,
-        connect_timeout_s=state.settings.worker_connect_timeout_s,
-    )
+    service = state.new_service(call_id, persona)
     session.attach(service)
     return session
 

@@ -310,15 +310,7 @@ def _build_call(
         max_seconds=persona.max_call_seconds,
         started_at=offered_at,
     )
-    service = PersonaPlexService(
-        call_id=call_id,
-        persona=persona.id,
-        worker_token=state.settings.worker_token,
-        store=state.store,
-        reservation=reservation,
-        output_queue_frames=state.settings.output_queue_frames,
-        connect_timeout_s=state.settings.worker_connect_timeout_s,
-    )
+    service = state.new_service(call_id, persona, reservation)
     session.attach(service)
 
     @service.event_handler("on_ready")
