@@ -5,20 +5,29 @@ Every tensor the tick reads or writes has a fixed shape and lives in a buffer al
 text token and agent codes of every row). Joins and leaves only change the models' per-slot state
 in place between ticks, so the same work can be replayed as a CUDA graph.
 
-`ModelTick.run` is eager by default. With `cuda_graph=True` on a CUDA device it captures the tick
-once (after warm-up ticks with every row inactive, which leave all state untouched) and replays the
-graph; the host copies in and out go through pinned buffers, and the copy out is the tick's only
-host sync. The graph path has not yet been run on a GPU in this project: it is off unless asked
-for (WORKER_CUDA_GRAPH=1), and the bench compares it with the eager path.
+`ModelTick.run` is eager by default. `capture(recorder)` records the tick's work once, with every
+row inactive (which leaves all state untouched), and from then on `run` replays the recording:
+
+- `cuda_graph_recorder(device)`: a CUDA graph (after warm-up ticks on a side stream). The host copies
+  in and out go through pinned buffers, and the copy out is the tick's only host sync. This path has
+  not yet been run on a GPU in this project: it is off unless asked for (WORKER_CUDA_GRAPH=1).
+- `trace_recorder`: the CPU stand-in with the same contract. It records the tick's aten operators
+  once (`make_fx`), every Python decision frozen as it was at capture, and replays exactly those on
+  the same tensors. A tick that stays correct under this replay while calls join and leave keeps a
+  CUDA graph valid too, and `graph_hazards` lists what in the recording a CUDA graph cannot hold
+  (host reads of device values, data-dependent shapes, tensors made from host data).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
 from app.protocol import FRAME_SAMPLES
 from app.worker.model.lm import PersonaPlexLM
 from app.worker.model.mimi import Mimi
@@ -26,6 +35,26 @@ from app.worker.model.mimi import Mimi
 logger = logging.getLogger(__name__)
 
 _WARMUP_TICKS = 3
+
+Work = Callable[[], None]
+Replay = Callable[[], object]
+Recorder = Callable[[Work], Replay]  # records `work` once; the result replays it
+
+# aten operators a CUDA graph cannot hold or that make the host wait for the device.
+_HAZARDS = {
+    "_local_scalar_dense": "reads a device value on the host (.item(), int(), bool(), tolist())",
+    "nonzero": "data-dependent shape (nonzero, bool-mask indexing)",
+    "masked_select": "data-dependent shape",
+    "unique": "data-dependent shape",
+    "_unique": "data-dependent shape",
+    "_unique2": "data-dependent shape",
+    "unique_consecutive": "data-dependent shape",
+    "unique_dim": "data-dependent shape",
+    "repeat_interleave": "data-dependent shape when repeats is a tensor",
+    "bincount": "data-dependent shape",
+    "lift_fresh_copy": "a tensor made from host data inside the tick (a host->device copy on a GPU)",
+    "_assert_async": "a device-side assert that syncs",
+}
 
 
 class ModelTick:
@@ -44,16 +73,27 @@ class ModelTick:
         self._pcm = torch.zeros(s, FRAME_SAMPLES, dtype=torch.float32, device=dev)  # [S, 1920]
         self._active = torch.zeros(s, dtype=torch.bool, device=dev)  # [S]
         self._out = torch.zeros(s, self.width, dtype=torch.int16, device=dev)  # [S, 1929]
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Replay | None = None  # what the recorder returned; run() calls it instead of the work
         self.last_wait_s = 0.0  # time the last run() was blocked on the copy out (the device's work)
         if cuda_graph:
             if dev.type != "cuda":
                 raise ValueError(f"a CUDA graph needs a CUDA device, the model is on {dev}")
-            self._capture()
+            self.capture(cuda_graph_recorder(dev))
 
     @property
     def graphed(self) -> bool:
-        return self._graph is not None
+        return self.replay is not None
+
+    def capture(self, record: Recorder) -> None:
+        """Record the tick's work once with `record`; `run` replays the recording from now on.
+
+        Between ticks only: the work is recorded with every row inactive, so recording (and any
+        warm-up the recorder runs) leaves every slot's state as it was; calls may already be running.
+        """
+        self._pcm.zero_()
+        self._active.zero_()
+        self.replay = record(self._compute)
+        logger.info("engine tick captured for %d slots (%s)", self.slots, getattr(record, "__name__", record))
 
     @torch.inference_mode()
     def _compute(self) -> None:
@@ -69,21 +109,6 @@ class ModelTick:
         # Token ids < 32768 fit int16: one block, one transfer.
         self._out.copy_(torch.cat([bot16, out.text[:, None].to(torch.int16), out.audio.to(torch.int16)], dim=1))
 
-    def _capture(self) -> None:
-        self._active.zero_()  # warm-up and capture with every row inactive: no state changes
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_TICKS):
-                self._compute()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._compute()
-        torch.cuda.synchronize(self.device)
-        self._graph = graph
-        logger.info("engine tick captured as a CUDA graph for %d slots", self.slots)
-
     def run(self, rows: list[int], pcm: np.ndarray) -> np.ndarray:
         """One tick for the caller frames `pcm` [n, 1920] int16 of slots `rows`; other rows rest.
 
@@ -97,8 +122,8 @@ class ModelTick:
             self._active_host[index] = True
         self._pcm.copy_(self._pcm_host, non_blocking=True)
         self._active.copy_(self._active_host, non_blocking=True)
-        if self._graph is not None:
-            self._graph.replay()
+        if self.replay is not None:
+            self.replay()
         else:
             self._compute()
         waited = time.perf_counter()
@@ -111,3 +136,56 @@ class ModelTick:
     def split(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Packed rows -> (PCM16 [n, 1920], text token [n], agent codes [n, 8])."""
         return packed[:, :FRAME_SAMPLES], packed[:, FRAME_SAMPLES], packed[:, FRAME_SAMPLES + 1 :]
+
+
+def cuda_graph_recorder(device: torch.device) -> Recorder:
+    """Records work as a CUDA graph on `device`, after warm-up runs on a side stream."""
+
+    def cuda_graph(work: Work) -> Replay:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_TICKS):
+                work()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            work()
+        torch.cuda.synchronize(device)
+        return graph.replay  # the bound method keeps the graph alive
+
+    return cuda_graph
+
+
+def trace_recorder(work: Work) -> torch.fx.GraphModule:
+    """Records work as the aten operators it runs once (see the module docstring): a GraphModule
+    whose call replays them on the very tensors the work touched (state updates stay in place)."""
+    with torch.inference_mode():
+        try:
+            return make_fx(lambda: work())()
+        except RuntimeError as exc:  # e.g. a host read of a device value: a CUDA graph could not hold it
+            raise RuntimeError(f"the tick cannot be recorded as one fixed graph: {exc}") from exc
+
+
+def graph_hazards(graph: torch.fx.GraphModule) -> list[str]:
+    """The operators of a `trace_recorder` recording that a CUDA graph cannot hold, as
+    "name: why" (empty: none)."""
+    found = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name in _HAZARDS:
+            found.append(f"{node.name}: {_HAZARDS[name]}")
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_indices(node):
+            found.append(f"{node.name}: bool-mask indexing (a nonzero and a host sync on a GPU)")
+    return found
+
+
+def _bool_indices(node: torch.fx.Node) -> bool:
+    indices = node.args[1] if len(node.args) > 1 else ()
+    for index in indices if isinstance(indices, (list, tuple)) else ():
+        value = index.meta.get("val") if isinstance(index, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.bool, torch.uint8):
+            return True
+    return False

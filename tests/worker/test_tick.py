@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
-from app.protocol import FRAME_SAMPLES
+from app.config import WorkerSettings
+from app.protocol import FRAME_SAMPLES, Ended, Ready, Sampling, Text
+from app.worker.engine import Engine
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
-from app.worker.tick import ModelTick
+from app.worker.runtime import build_runtime
+from app.worker.tick import ModelTick, graph_hazards, trace_recorder
 
 
 def _models(slots: int) -> tuple[PersonaPlexLM, Mimi]:
@@ -61,3 +66,117 @@ def test_a_cuda_graph_needs_a_cuda_device() -> None:
     lm, mimi = _models(1)
     with pytest.raises(ValueError, match="CUDA"):
         ModelTick(lm, mimi, cuda_graph=True)
+
+
+# ---------------------------------------------------------------------------- capture and replay
+# A CUDA graph freezes every Python decision the tick makes at capture and replays the same kernels
+# on the same tensors. `trace_recorder` does exactly that on CPU, so these tests check what the
+# worker's CUDA graph relies on: joins, leaves and aborts between ticks keep a recorded tick valid.
+
+
+class _Calls:
+    """Drives one engine through a script of calls; records every output per call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.leases: dict[str, object] = {}
+        self.outputs: dict[str, list[object]] = {}
+
+    def open(self, call_id: str, persona: str, seed: int) -> None:
+        box: list[object] = []
+        lease = self.engine.open(call_id, persona, Sampling(seed=seed), box.append)
+        assert lease is not None
+        self.leases[call_id], self.outputs[call_id] = lease, box
+
+    def heard(self, call_id: str) -> list[object]:
+        """What the caller got: bot audio, text with frame index, the end (not timings)."""
+        kept = []
+        for item in self.outputs[call_id]:
+            if isinstance(item, Ready):
+                kept.append(("ready", item.slot))
+            elif isinstance(item, (bytes, Text, Ended)):
+                kept.append(item)
+        return kept
+
+
+def _script(calls: _Calls, t: int, at_tick: Callable[[int], None] | None = None) -> None:
+    """Tick t of a busy line: calls join, talk, hang up, get aborted; slots are reused."""
+    script = {
+        0: [("open", "a", "waste-management", 1), ("open", "b", "restaurant-orders", 2)],
+        3: [("open", "c", "general-assistant", 3)],
+        12: [("end", "a")],
+        14: [("open", "d", "waste-management", 4)],  # takes a's slot
+        21: [("abort", "b")],
+        22: [("open", "e", "restaurant-orders", 5)],
+        33: [("end", "c"), ("end", "d")],
+    }
+    for action in script.get(t, []):
+        if action[0] == "open":
+            calls.open(*action[1:])
+        elif action[0] == "end":
+            calls.engine.end(calls.leases[action[1]])
+        else:
+            calls.engine.abort(calls.leases[action[1]])
+    for call_id, lease in calls.leases.items():
+        if call_id in ("c",) and t % 5 == 4:
+            continue  # c's network hiccups: no frame this tick, its row rests
+        calls.engine.push(lease, _speechy(1, 1000 * ord(call_id[0]) + t).tobytes())
+    if at_tick is not None:
+        at_tick(t)
+    calls.engine.step()
+
+
+def _run_script(settings: WorkerSettings, capture_at: int | None, ticks: int = 40) -> _Calls:
+    runtime = build_runtime(settings)
+    calls = _Calls(Engine(runtime, worker_id="w", max_queue_frames=4))
+
+    def at_tick(t: int) -> None:
+        if t == capture_at:
+            calls.engine.model_tick.capture(trace_recorder)
+
+    for t in range(ticks):
+        _script(calls, t, at_tick)
+    assert calls.engine.model_tick.graphed == (capture_at is not None)
+    return calls
+
+
+def test_a_recorded_tick_serves_joins_leaves_and_aborts_exactly_like_the_eager_one(
+    make_settings: Callable[..., WorkerSettings],
+) -> None:
+    """Recorded before the first call and recorded mid-call: every caller hears exactly the same."""
+    settings = make_settings(worker_max_slots=3)
+    eager = _run_script(settings, capture_at=None)
+    for capture_at in (0, 17):
+        replayed = _run_script(settings, capture_at=capture_at)
+        for call_id in eager.outputs:
+            want, got = eager.heard(call_id), replayed.heard(call_id)
+            assert [type(x) for x in got] == [type(x) for x in want], (capture_at, call_id)
+            assert got == want, f"call {call_id} differs when the tick is recorded at tick {capture_at}"
+    heard = {call_id: eager.heard(call_id) for call_id in eager.outputs}
+    assert sum(isinstance(x, bytes) for x in heard["c"]) > 20  # ran past both models' contexts
+    assert isinstance(heard["b"][-1], Ended) and heard["b"][-1].reason == "aborted"
+
+
+def test_the_engine_tick_holds_nothing_a_cuda_graph_cannot() -> None:
+    lm, mimi = _models(4)
+    tick = ModelTick(lm, mimi)
+    tick.capture(trace_recorder)
+    assert graph_hazards(tick.replay) == []
+
+
+def test_hazards_are_named_and_host_reads_refuse_to_record() -> None:
+    x, buf = torch.randn(8), torch.zeros(8)
+
+    def host_data_and_bool_mask() -> None:
+        buf.add_(torch.tensor([1.0] * 8))  # host data made into a tensor inside the tick
+        buf[x > 0] = 2.0  # bool-mask indexing: a nonzero on the GPU
+
+    hazards = graph_hazards(trace_recorder(host_data_and_bool_mask))
+    assert any("host data" in h for h in hazards)
+    assert any("bool-mask" in h for h in hazards)
+
+    def host_read() -> None:
+        buf.mul_(int((x > 0).sum()))  # the count is read on the host: frozen at capture
+
+    with pytest.raises(RuntimeError, match="fixed graph"):
+        trace_recorder(host_read)
