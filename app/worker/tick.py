@@ -177,6 +177,8 @@ def graph_hazards(graph: torch.fx.GraphModule) -> list[str]:
         name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         if name in _HAZARDS:
             found.append(f"{node.name}: {_HAZARDS[name]}")
+        elif name == "_to_copy" and node.kwargs.get("device") is not None:
+            found.append(f"{node.name}: moves a tensor to {node.kwargs['device']} inside the tick")
         elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_indices(node):
             found.append(f"{node.name}: bool-mask indexing (a nonzero and a host sync on a GPU)")
     return found

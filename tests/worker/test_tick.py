@@ -14,7 +14,13 @@ from app.worker.engine import Engine
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
 from app.worker.runtime import build_runtime
-from app.worker.tick import ModelTick, graph_hazards, trace_recorder
+from app.worker.tick import (
+    ModelTick,
+    Recorder,
+    cuda_graph_recorder,
+    graph_hazards,
+    trace_recorder,
+)
 
 
 def _models(slots: int) -> tuple[PersonaPlexLM, Mimi]:
@@ -126,18 +132,27 @@ def _script(calls: _Calls, t: int, at_tick: Callable[[int], None] | None = None)
     calls.engine.step()
 
 
-def _run_script(settings: WorkerSettings, capture_at: int | None, ticks: int = 40) -> _Calls:
+def _run_script(
+    settings: WorkerSettings, capture_at: int | None, record: Recorder = trace_recorder, ticks: int = 40
+) -> _Calls:
     runtime = build_runtime(settings)
     calls = _Calls(Engine(runtime, worker_id="w", max_queue_frames=4))
 
     def at_tick(t: int) -> None:
         if t == capture_at:
-            calls.engine.model_tick.capture(trace_recorder)
+            calls.engine.model_tick.capture(record)
 
     for t in range(ticks):
         _script(calls, t, at_tick)
     assert calls.engine.model_tick.graphed == (capture_at is not None)
     return calls
+
+
+def _assert_same_calls(eager: _Calls, replayed: _Calls, label: str) -> None:
+    for call_id in eager.outputs:
+        want, got = eager.heard(call_id), replayed.heard(call_id)
+        assert [type(x) for x in got] == [type(x) for x in want], (label, call_id)
+        assert got == want, f"call {call_id} differs when the tick is {label}"
 
 
 def test_a_recorded_tick_serves_joins_leaves_and_aborts_exactly_like_the_eager_one(
@@ -147,14 +162,26 @@ def test_a_recorded_tick_serves_joins_leaves_and_aborts_exactly_like_the_eager_o
     settings = make_settings(worker_max_slots=3)
     eager = _run_script(settings, capture_at=None)
     for capture_at in (0, 17):
-        replayed = _run_script(settings, capture_at=capture_at)
-        for call_id in eager.outputs:
-            want, got = eager.heard(call_id), replayed.heard(call_id)
-            assert [type(x) for x in got] == [type(x) for x in want], (capture_at, call_id)
-            assert got == want, f"call {call_id} differs when the tick is recorded at tick {capture_at}"
+        _assert_same_calls(eager, _run_script(settings, capture_at=capture_at), f"recorded at tick {capture_at}")
     heard = {call_id: eager.heard(call_id) for call_id in eager.outputs}
     assert sum(isinstance(x, bytes) for x in heard["c"]) > 20  # ran past both models' contexts
     assert isinstance(heard["b"][-1], Ended) and heard["b"][-1].reason == "aborted"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cuda_graph_serves_calls_exactly_like_the_eager_tick(
+    make_settings: Callable[..., WorkerSettings], dtype: str
+) -> None:
+    """The worker's CUDA graph (WORKER_CUDA_GRAPH): captured before calls and mid-call, on the GPU."""
+    settings = make_settings(worker_max_slots=3, worker_device="cuda", worker_dtype=dtype)
+    eager = _run_script(settings, capture_at=None)
+    record = cuda_graph_recorder(torch.device("cuda"))
+    for capture_at in (0, 17):
+        label = f"a CUDA graph captured at tick {capture_at}"
+        _assert_same_calls(eager, _run_script(settings, capture_at=capture_at, record=record), label)
+    runtime = build_runtime(settings)
+    assert Engine(runtime, worker_id="w", max_queue_frames=4, cuda_graph=True).model_tick.graphed
 
 
 def test_the_engine_tick_holds_nothing_a_cuda_graph_cannot() -> None:
@@ -170,10 +197,12 @@ def test_hazards_are_named_and_host_reads_refuse_to_record() -> None:
     def host_data_and_bool_mask() -> None:
         buf.add_(torch.tensor([1.0] * 8))  # host data made into a tensor inside the tick
         buf[x > 0] = 2.0  # bool-mask indexing: a nonzero on the GPU
+        x.to("meta")  # a copy between devices
 
     hazards = graph_hazards(trace_recorder(host_data_and_bool_mask))
     assert any("host data" in h for h in hazards)
     assert any("bool-mask" in h for h in hazards)
+    assert any("moves a tensor" in h for h in hazards)
 
     def host_read() -> None:
         buf.mul_(int((x > 0).sum()))  # the count is read on the host: frozen at capture
