@@ -72,6 +72,7 @@ class BenchOptions:
     role_tokens: int = 60  # ... and role prompt tokens (the reference's 3.7 s pickup had these)
     state_dir: Path | None = None  # persona cache lives here; None: a temporary directory
     cuda_graph: bool = False  # replay the tick as a CUDA graph (GPU only)
+    compile: bool = False  # torch.compile the tick (inductor), as WORKER_COMPILE=1 does
 
     def __post_init__(self) -> None:
         if not self.slots or min(self.slots) < 1:
@@ -348,18 +349,28 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS of the process so far"
 
 
-def _audit_step(step: Callable[[], TickResult], device: torch.device) -> dict[str, Any]:
+def _audit_step(engine: Engine, device: torch.device) -> dict[str, Any]:
     """One engine step (a join, then a tick; not timed) counting torch calls and sync-prone calls; on
-    CUDA also the syncs torch itself reports (`torch.cuda.set_sync_debug_mode`)."""
+    CUDA also the syncs torch itself reports (`torch.cuda.set_sync_debug_mode`). A compiled tick is
+    one opaque call here (tracing the counter into it would recompile the tick)."""
     counter = _TorchCalls()
+    tick = engine.model_tick
+    compiled_work = tick.work
+    if tick.compiled is not None:
+        def unobserved() -> None:
+            with torch.overrides._pop_mode_temporarily():
+                compiled_work()
+
+        tick.work = unobserved
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
             with counter:
-                step()
+                engine.step()
         finally:
+            tick.work = compiled_work
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
     audit: dict[str, Any] = {
@@ -382,7 +393,8 @@ def run_slots(
         torch.cuda.reset_peak_memory_stats(device)
     lm, mimi = models_for(weights, slots, device)
     engine = Engine(_runtime(lm, mimi, persona, device), worker_id="bench", max_queue_frames=2,
-                    metrics=WorkerMetrics(slots), cuda_graph=options.cuda_graph)
+                    metrics=WorkerMetrics(slots), cuda_graph=options.cuda_graph,
+                    compile="inductor" if options.compile else None)
     sink = _Sink()
     frames = caller_frames(64, options.seed + slots)
     calls: list[Lease] = []
@@ -432,7 +444,7 @@ def run_slots(
             raise RuntimeError(f"{slots} slots: no slot free after a call left")
         for lease in [*calls, lease]:
             engine.push(lease, frames[(t + 1) % len(frames)])
-        audit = _audit_step(engine.step, device)
+        audit = _audit_step(engine, device)
     if sink.errors:
         raise RuntimeError(f"{slots} slots: the engine reported {sink.errors[:3]}")
     tick_s = [r.duration_s for r in ticks]
@@ -453,6 +465,8 @@ def run_slots(
         "kv_dtype": str(lm.kv_dtype).removeprefix("torch."),
         "context": lm.cfg.context,
         "cuda_graph": engine.model_tick.graphed,
+        "compiled": engine.model_tick.compiled,
+        "compile_s": round(engine.model_tick.compile_s, 1),
         "slots": slots,
         "ticks": len(ticks),
         "warmup_ticks": options.warmup,
@@ -562,7 +576,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _commit() -> str | None:
-    """The repository's short commit (for the README's table), None outside a git checkout."""
+    """The repository's short commit (for the README's table): CALLCENTER_COMMIT if set (a copy of
+    the tree without .git, e.g. on a lent GPU machine), else git's; None outside a git checkout."""
+    if os.environ.get("CALLCENTER_COMMIT"):
+        return os.environ["CALLCENTER_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10, check=True)

@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-ms", type=float, default=70.0, help="p99 tick budget for the summary")
     bench.add_argument("--cuda-graph", action="store_true",
                        help="replay the tick as a CUDA graph (GPU only), as WORKER_CUDA_GRAPH=1 does")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile the tick (inductor) per slot count, as WORKER_COMPILE=1 does")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--state-dir", type=Path, default=None,
                        help="keep the persona cache here (default: a temporary directory)")
@@ -237,6 +239,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             full=args.full, slots=args.slots, ticks=args.ticks, warmup=args.warmup,
             churn_every=args.churn_every, device=args.device, dtype=args.dtype, context=args.context,
             budget_ms=args.budget_ms, seed=args.seed, state_dir=args.state_dir, cuda_graph=args.cuda_graph,
+            compile=args.compile,
         )
     except ValueError as exc:
         logger.error("%s", exc)

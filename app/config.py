@@ -51,6 +51,10 @@ class WorkerSettings(RedisSettings):
         default=False,
         description="replay the engine tick as a CUDA graph (GPU only; not yet validated on a GPU)",
     )
+    worker_compile: bool = Field(
+        default=False,
+        description="compile the engine tick with torch.compile (inductor) at start: minutes, then faster ticks",
+    )
     worker_max_queue_frames: int = Field(
         default=3, ge=1, description="caller frames a slot may hold before the oldest is dropped"
     )

@@ -114,9 +114,10 @@ class Engine:
         metrics: WorkerMetrics | None = None,
         tick_s: float = FRAME_SECONDS,
         cuda_graph: bool = False,
+        compile: str | None = None,
     ) -> None:
         self.runtime = runtime
-        self.model_tick = ModelTick(runtime.lm, runtime.mimi, cuda_graph=cuda_graph)
+        self.model_tick = ModelTick(runtime.lm, runtime.mimi, cuda_graph=cuda_graph, compile=compile)
         self.worker_id = worker_id
         self.tick_s = tick_s
         self.metrics = metrics

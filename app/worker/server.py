@@ -76,6 +76,7 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
         max_queue_frames=settings.worker_max_queue_frames,
         metrics=metrics,
         cuda_graph=settings.worker_cuda_graph and runtime.device.type == "cuda",
+        compile="inductor" if settings.worker_compile else None,
     )
 
     @asynccontextmanager

@@ -5,6 +5,11 @@ Every tensor the tick reads or writes has a fixed shape and lives in a buffer al
 text token and agent codes of every row). Joins and leaves only change the models' per-slot state
 in place between ticks, so the same work can be replayed as a CUDA graph.
 
+With `compile="inductor"` the tick's work is compiled once with `torch.compile` (one graph, no
+breaks, static shapes): elementwise chains fuse into few kernels, which matters on a GPU where every
+operator is a kernel even inside a CUDA graph. It compiles at construction (minutes at full size;
+torch's on-disk cache makes a restart faster), with every row inactive, so no state moves.
+
 `ModelTick.run` is eager by default. `capture(recorder)` records the tick's work once, with every
 row inactive (which leaves all state untouched), and from then on `run` replays the recording:
 
@@ -39,6 +44,7 @@ _WARMUP_TICKS = 3
 Work = Callable[[], None]
 Replay = Callable[[], object]
 Recorder = Callable[[Work], Replay]  # records `work` once; the result replays it
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: same tracing, no code generation (tests)
 
 # aten operators a CUDA graph cannot hold or that make the host wait for the device.
 _HAZARDS = {
@@ -60,7 +66,9 @@ _HAZARDS = {
 class ModelTick:
     """Mimi encode -> LM step -> Mimi decode for all `max_slots` rows on static buffers."""
 
-    def __init__(self, lm: PersonaPlexLM, mimi: Mimi, *, cuda_graph: bool = False) -> None:
+    def __init__(
+        self, lm: PersonaPlexLM, mimi: Mimi, *, cuda_graph: bool = False, compile: str | None = None
+    ) -> None:
         self.lm, self.mimi = lm, mimi
         s, dev = lm.max_slots, lm.device
         self.slots = s
@@ -75,6 +83,19 @@ class ModelTick:
         self._out = torch.zeros(s, self.width, dtype=torch.int16, device=dev)  # [S, 1929]
         self.replay: Replay | None = None  # what the recorder returned; run() calls it instead of the work
         self.last_wait_s = 0.0  # time the last run() was blocked on the copy out (the device's work)
+        self.compiled = compile
+        self.compile_s = 0.0
+        self.work: Work = self._compute  # what one tick runs when not replaying: eager or compiled
+        if compile is not None:
+            if compile not in COMPILE_BACKENDS:
+                raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}, got {compile!r}")
+            self.work = torch.compile(self._compute, backend=compile, fullgraph=True, dynamic=False)
+            started = time.perf_counter()
+            self._rest_all_rows()
+            with torch.inference_mode():
+                self.work()  # compiles now, not on a caller's first tick
+            self.compile_s = time.perf_counter() - started
+            logger.info("engine tick compiled (%s) for %d slots in %.1f s", compile, s, self.compile_s)
         if cuda_graph:
             if dev.type != "cuda":
                 raise ValueError(f"a CUDA graph needs a CUDA device, the model is on {dev}")
@@ -90,14 +111,18 @@ class ModelTick:
         Between ticks only: the work is recorded with every row inactive, so recording (and any
         warm-up the recorder runs) leaves every slot's state as it was; calls may already be running.
         """
-        self._pcm.zero_()
-        self._active.zero_()
-        self.replay = record(self._compute)
+        self._rest_all_rows()
+        self.replay = record(self.work)
         logger.info("engine tick captured for %d slots (%s)", self.slots, getattr(record, "__name__", record))
 
-    @torch.inference_mode()
+    def _rest_all_rows(self) -> None:
+        self._pcm.zero_()
+        self._active.zero_()
+
     def _compute(self) -> None:
-        """The tick's tensor work: reads `_pcm`, `_active`; writes `_out`. No host sync inside."""
+        """The tick's tensor work: reads `_pcm`, `_active`; writes `_out`. No host sync inside.
+
+        Callers run it in inference mode (not entered here: a compiled graph cannot switch it)."""
         lm, cfg = self.lm, self.lm.cfg
         codes = self.mimi.encode_step(self._pcm, self._active)  # [S, 8] caller codes
         frame = torch.full((self.slots, cfg.num_streams), -1, dtype=torch.long, device=self.device)  # [S, 17]
@@ -122,10 +147,11 @@ class ModelTick:
             self._active_host[index] = True
         self._pcm.copy_(self._pcm_host, non_blocking=True)
         self._active.copy_(self._active_host, non_blocking=True)
-        if self.replay is not None:
-            self.replay()
-        else:
-            self._compute()
+        with torch.inference_mode():
+            if self.replay is not None:
+                self.replay()
+            else:
+                self.work()
         waited = time.perf_counter()
         self._out_host.copy_(self._out, non_blocking=True)
         if self.device.type == "cuda":
@@ -144,12 +170,12 @@ def cuda_graph_recorder(device: torch.device) -> Recorder:
     def cuda_graph(work: Work) -> Replay:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(_WARMUP_TICKS):
                 work()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), torch.inference_mode():
             work()
         torch.cuda.synchronize(device)
         return graph.replay  # the bound method keeps the graph alive

@@ -133,10 +133,14 @@ def _script(calls: _Calls, t: int, at_tick: Callable[[int], None] | None = None)
 
 
 def _run_script(
-    settings: WorkerSettings, capture_at: int | None, record: Recorder = trace_recorder, ticks: int = 40
+    settings: WorkerSettings,
+    capture_at: int | None,
+    record: Recorder = trace_recorder,
+    ticks: int = 40,
+    compile: str | None = None,
 ) -> _Calls:
     runtime = build_runtime(settings)
-    calls = _Calls(Engine(runtime, worker_id="w", max_queue_frames=4))
+    calls = _Calls(Engine(runtime, worker_id="w", max_queue_frames=4, compile=compile))
 
     def at_tick(t: int) -> None:
         if t == capture_at:
@@ -166,6 +170,16 @@ def test_a_recorded_tick_serves_joins_leaves_and_aborts_exactly_like_the_eager_o
     heard = {call_id: eager.heard(call_id) for call_id in eager.outputs}
     assert sum(isinstance(x, bytes) for x in heard["c"]) > 20  # ran past both models' contexts
     assert isinstance(heard["b"][-1], Ended) and heard["b"][-1].reason == "aborted"
+
+
+def test_a_compiled_tick_serves_the_same_calls_as_the_eager_one(
+    make_settings: Callable[..., WorkerSettings],
+) -> None:
+    """torch.compile of the tick (one graph, in-place state functionalised and written back) keeps
+    every caller's audio and text; aot_eager traces exactly as inductor does, without codegen."""
+    settings = make_settings(worker_max_slots=3)
+    eager = _run_script(settings, capture_at=None)
+    _assert_same_calls(eager, _run_script(settings, capture_at=None, compile="aot_eager"), "compiled")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
@@ -209,3 +223,16 @@ def test_hazards_are_named_and_host_reads_refuse_to_record() -> None:
 
     with pytest.raises(RuntimeError, match="fixed graph"):
         trace_recorder(host_read)
+
+
+def test_the_inductor_compiled_tick_serves_the_same_calls(make_settings: Callable[..., WorkerSettings]) -> None:
+    """WORKER_COMPILE's real path (generated code; minutes to compile on a small CPU)."""
+    settings = make_settings(worker_max_slots=3)
+    eager = _run_script(settings, capture_at=None)
+    compiled = _run_script(settings, capture_at=None, compile="inductor")
+    for call_id in eager.outputs:
+        want, got = eager.heard(call_id), compiled.heard(call_id)
+        assert [x for x in got if not isinstance(x, bytes)] == [x for x in want if not isinstance(x, bytes)]
+        pcm_want = np.frombuffer(b"".join(x for x in want if isinstance(x, bytes)), "<i2").astype(int)
+        pcm_got = np.frombuffer(b"".join(x for x in got if isinstance(x, bytes)), "<i2").astype(int)
+        assert pcm_got.shape == pcm_want.shape and np.abs(pcm_got - pcm_want).max() <= 2  # fused float math
