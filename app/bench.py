@@ -439,10 +439,10 @@ def run_slots(
         for lease in calls:
             engine.push(lease, frames[t % len(frames)])
         engine.step()
-        lease = engine.open(f"bench-{slots}-audit", PERSONA_ID, Sampling(seed=opened), sink)
-        if lease is None:
+        audited = engine.open(f"bench-{slots}-audit", PERSONA_ID, Sampling(seed=opened), sink)
+        if audited is None:
             raise RuntimeError(f"{slots} slots: no slot free after a call left")
-        for lease in [*calls, lease]:
+        for lease in [*calls, audited]:
             engine.push(lease, frames[(t + 1) % len(frames)])
         audit = _audit_step(engine, device)
     if sink.errors:

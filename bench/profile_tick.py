@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app.bench import BenchOptions, build_weights, caller_frames, models_for  # noqa: E402
-from app.worker.engine import engine_threads  # noqa: E402
-from app.worker.runtime import resolve_device  # noqa: E402
-from app.worker.tick import ModelTick  # noqa: E402
+from app.bench import BenchOptions, build_weights, caller_frames, models_for
+from app.worker.engine import engine_threads
+from app.worker.runtime import resolve_device
+from app.worker.tick import ModelTick
 
 
 def _device_us(event: Any) -> float:

@@ -11,8 +11,10 @@ aten operators that do work (views and other metadata-only operators excluded) o
 
 Prints one JSON object per (config, slots): `ops_per_tick` and `by_part` (temporal transformer,
 depformer, sampling, Mimi, the LM's token bookkeeping and embeddings, the tick's own packing).
-Caveat: on the meta device attention runs as its math decomposition (about ten operators per
-attention call), where a GPU runs one fused kernel; `attention_calls` says how many there are.
+Counted outside inference mode, where composite operators are split into the kernels they run
+(`linear` into a matmul, `.float()` into a copy). Caveat: on the meta device attention runs as its
+math decomposition (about ten operators per attention call), where a GPU runs one fused kernel;
+`attention_calls` says how many there are.
 """
 
 from __future__ import annotations
@@ -32,9 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app.worker.model.lm import Depformer, DepformerBlock, LMConfig, PersonaPlexLM, TemporalBlock  # noqa: E402
-from app.worker.model.mimi import Mimi, MimiConfig  # noqa: E402
-from app.worker.tick import ModelTick  # noqa: E402
+from app.worker.model.lm import (
+    Depformer,
+    DepformerBlock,
+    LMConfig,
+    PersonaPlexLM,
+    TemporalBlock,
+)
+from app.worker.model.mimi import Mimi, MimiConfig
+from app.worker.tick import ModelTick
 
 _METADATA_OPS = {"_unsafe_view", "alias", "as_strided", "detach", "expand", "lift_fresh", "permute", "select",
                  "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unflatten",
@@ -93,7 +101,7 @@ def count(config: str, slots: int) -> dict[str, Any]:
         "slots": slots,
         "ops_per_tick": sum(counter.parts.values()),
         "by_part": dict(counter.parts.most_common()),
-        "attention_calls": sum(n for op, n in counter.ops.items() if "scaled_dot_product" in op),
+        "attention_calls": counter.ops["_safe_softmax"] + counter.ops["_softmax"],
         "top_ops": dict(counter.ops.most_common(12)),
         "torch": torch.__version__,
     }

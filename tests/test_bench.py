@@ -89,3 +89,26 @@ def test_the_bench_script_runs_the_same_verb() -> None:
     assert done.returncode == 0, done.stderr
     run, summary = [json.loads(line) for line in done.stdout.splitlines()]
     assert run["slots"] == 2 and run["ticks"] == 2 and summary["summary"] is True
+
+
+def _script(*argv: str) -> list[dict]:
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_tick_ops_counts_every_part_of_the_full_size_tick() -> None:
+    (full,) = _script("bench/tick_ops.py", "--config", "full", "--slots", "4")
+    assert full["config"] == "full" and full["slots"] == 4
+    assert sum(full["by_part"].values()) == full["ops_per_tick"]
+    assert {"temporal", "depformer", "mimi", "sampling"} <= set(full["by_part"])
+    # 32 temporal layers and 8 steps x 6 depformer layers: each part scales with its layers.
+    assert full["by_part"]["temporal"] >= 32 * 10 and full["by_part"]["depformer"] >= 48 * 5
+    assert full["attention_calls"] == 32 + 8 * 6 + 2 * 8  # temporal, depformer, Mimi encoder + decoder
+
+
+def test_profile_tick_reports_per_tick_costs_on_cpu() -> None:
+    (run,) = _script("bench/profile_tick.py", "--tiny", "--device", "cpu", "--slots", "2", "--ticks", "2")
+    assert (run["device"], run["slots"], run["ticks"], run["cuda_graph"]) == ("cpu", 2, 2, False)
+    assert run["wall_ms_max"] >= run["wall_ms_p50"] > 0
+    assert run["kernels_per_tick"] == 0 and run["top"] and all(r["ms_per_tick"] >= 0 for r in run["top"])

@@ -151,13 +151,30 @@ class ModelTick:
             if self.replay is not None:
                 self.replay()
             else:
-                self.work()
+                self._run_work()
         waited = time.perf_counter()
         self._out_host.copy_(self._out, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the tick's one host sync
         self.last_wait_s = time.perf_counter() - waited
         return self._out_host.numpy()[rows]
+
+    def _run_work(self) -> None:
+        """One tick of `work`. A compiled tick never recompiles on a caller's tick (minutes): if its
+        guards fail, the tick, untouched so far, runs eagerly, from then on, and that is logged."""
+        if self.compiled is None:
+            self.work()
+            return
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                self.work()
+        except RuntimeError as exc:
+            if "recompile" not in str(exc):
+                raise
+            logger.error("the compiled engine tick would recompile; running it eagerly from now on: %s",
+                         str(exc).splitlines()[0])
+            self.work, self.compiled = self._compute, None
+            self.work()
 
     def split(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Packed rows -> (PCM16 [n, 1920], text token [n], agent codes [n, 8])."""

@@ -179,7 +179,20 @@ def test_a_compiled_tick_serves_the_same_calls_as_the_eager_one(
     every caller's audio and text; aot_eager traces exactly as inductor does, without codegen."""
     settings = make_settings(worker_max_slots=3)
     eager = _run_script(settings, capture_at=None)
-    _assert_same_calls(eager, _run_script(settings, capture_at=None, compile="aot_eager"), "compiled")
+    compiled = _run_script(settings, capture_at=None, compile="aot_eager")
+    assert compiled.engine.model_tick.compiled == "aot_eager"  # joins and leaves never forced a recompile
+    _assert_same_calls(eager, compiled, "compiled")
+
+
+def test_a_compiled_tick_that_would_recompile_runs_eagerly_instead() -> None:
+    lm, mimi = _models(2)
+    tick = ModelTick(lm, mimi, compile="aot_eager")
+    assert tick.compiled == "aot_eager" and tick.compile_s > 0
+    tick.run([0], _speechy(1, 0))
+    lm.temp_text = lm.temp_text.double()  # a tensor the compiled tick was specialised on changes dtype
+    out = tick.run([0, 1], _speechy(2, 1))
+    assert out.shape == (2, FRAME_SAMPLES + 1 + 8)
+    assert tick.compiled is None and tick.work == tick._compute
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
