@@ -16,7 +16,6 @@ Token ring semantics follow the official `LMGen` exactly (ring of `CT = max_dela
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.worker.model import sampling
+from app.worker.model.rope import Tables, rope_tables, rotate
 
 DELAYS: tuple[int, ...] = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
 AGENT_CODEBOOKS = 8
@@ -221,19 +221,6 @@ class RMSNorm(nn.Module):
         return (xf * (self.weight.float() * torch.rsqrt(var))).to(x.dtype)
 
 
-def apply_rope(x: Tensor, pos: Tensor, max_period: float) -> Tensor:
-    """Interleaved-pair RoPE (official convention). x [B, H, T, Dh], pos [B, T] long."""
-    dh = x.shape[-1]
-    ds = torch.arange(dh // 2, device=x.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(max_period) * 2 / dh))  # [Dh/2]
-    angles = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    xf = x.float().unflatten(-1, (dh // 2, 2))
-    xr, xi = xf[..., 0], xf[..., 1]  # [B, H, T, Dh/2]
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
-
-
 def embed(weight: Tensor, tokens: Tensor) -> Tensor:
     """Official ScaledEmbedding lookup: -1 gives a zero vector, other negatives clamp to 0."""
     out = F.embedding(tokens.clamp(min=0), weight)
@@ -260,7 +247,6 @@ class TemporalBlock(nn.Module):
         kw = {"device": device, "dtype": dtype}
         d, h = cfg.dim, cfg.ffn_hidden
         self.num_heads = cfg.num_heads
-        self.max_period = cfg.max_period
         self.attn_norm = RMSNorm(d, cfg.norm_eps, **kw)
         self.attn_in = nn.Linear(d, 3 * d, bias=False, **kw)
         self.attn_out = nn.Linear(d, d, bias=False, **kw)
@@ -268,12 +254,12 @@ class TemporalBlock(nn.Module):
         self.ffn_in = nn.Linear(d, 2 * h, bias=False, **kw)
         self.ffn_out = nn.Linear(h, d, bias=False, **kw)
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, D], pos [B, T] -> q, k, v [B, H, T, Dh] (q, k rotated)."""
+    def qkv(self, x: Tensor, rope: Tables) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, D], rope tables of its positions -> q, k, v [B, H, T, Dh] (q, k rotated)."""
         b, t, _ = x.shape
-        qkv = self.attn_in(self.attn_norm(x)).view(b, t, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, Dh]
-        return apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period), v
+        qkv = self.attn_in(self.attn_norm(x)).view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotate(qkv[:2], rope)  # [2, B, H, T, Dh]: q and k in one go
+        return q, k, qkv[2]
 
     def finish(self, x: Tensor, att: Tensor) -> Tensor:
         """Residual after attention (att [B, H, T, Dh]) then the FFN block."""
@@ -565,9 +551,9 @@ class PersonaPlexLM(nn.Module):
         pos = torch.arange(t, device=x.device)
         delta = pos[:, None] - pos[None, :]
         mask = (delta >= 0) & (delta < self.cfg.context)  # [T, T]
-        pos_b = pos[None].expand(b, -1)
+        rope = rope_tables(pos[None].expand(b, -1), self.cfg.head_dim, self.cfg.max_period)
         for layer in self.layers:
-            q, kk, v = layer.qkv(x, pos_b)
+            q, kk, v = layer.qkv(x, rope)
             kk = kk.to(self.kv_dtype).to(q.dtype)
             v = v.to(self.kv_dtype).to(q.dtype)
             x = layer.finish(x, F.scaled_dot_product_attention(q, kk, v, attn_mask=mask))
@@ -603,8 +589,9 @@ class PersonaPlexLM(nn.Module):
         mask = (kpos >= 0)[:, None, None, :]  # [S, 1, 1, C]
         h = x[:, None, :]  # [S, 1, D]
         keep = run[:, None, None]
+        rope = rope_tables(pos[:, None], self.cfg.head_dim, self.cfg.max_period)  # once for all layers
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h, pos[:, None])  # [S, H, 1, Dh]
+            q, k, v = layer.qkv(h, rope)  # [S, H, 1, Dh]
             k_ring, v_ring = self.kv[i, 0], self.kv[i, 1]  # [S, H, C, Dh]
             k_ring[rows, :, ring] = torch.where(keep, k[:, :, 0].to(self.kv_dtype), k_ring[rows, :, ring])
             v_ring[rows, :, ring] = torch.where(keep, v[:, :, 0].to(self.kv_dtype), v_ring[rows, :, ring])
@@ -728,8 +715,9 @@ class PersonaPlexLM(nn.Module):
         keep = min(t, c)
         widx = qpos[t - keep :] % c
         h = x[None]  # [1, T, D]
+        rope = rope_tables(qpos[None], self.cfg.head_dim, self.cfg.max_period)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h, qpos[None])  # [1, H, T, Dh]
+            q, k, v = layer.qkv(h, rope)  # [1, H, T, Dh]
             k_ring, v_ring = self.kv[i, 0, slot], self.kv[i, 1, slot]  # [H, C, Dh]
             k_new, v_new = k[0].to(self.kv_dtype), v[0].to(self.kv_dtype)  # [H, T, Dh]
             keys = torch.cat([k_ring, k_new], dim=1)[None].to(q.dtype)

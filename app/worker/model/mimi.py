@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.worker.model.rope import Tables, rope_tables, rotate
+
 
 @dataclass(frozen=True)
 class MimiConfig:
@@ -374,19 +376,6 @@ def _layer_norm_f32(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     return y.to(x.dtype)
 
 
-def _rope(x: Tensor, pos: Tensor, max_period: float) -> Tensor:
-    """Rotate x [B, H, T, Dh] by interleaved pairs (2i, 2i+1) at positions pos [B, T] (float32 math)."""
-    B, H, T, Dh = x.shape
-    freqs = torch.exp(
-        torch.arange(Dh // 2, device=x.device, dtype=torch.float32) * (-math.log(max_period) * 2 / Dh)
-    )  # [Dh/2]
-    angles = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    xr, xi = x.float().view(B, H, T, Dh // 2, 2).unbind(-1)  # [B, H, T, Dh/2] each
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)  # [B, H, T, Dh/2, 2]
-    return out.view(B, H, T, Dh).to(x.dtype)
-
-
 class _Attention(_Stateful):
     """Causal multi-head self-attention with a per-slot K/V ring of `context` steps."""
 
@@ -395,7 +384,6 @@ class _Attention(_Stateful):
         D, H = cfg.dimension, cfg.num_heads
         self.num_heads = H
         self.context = cfg.context
-        self.max_period = cfg.max_period
         # Rows [q; k; v], each [H * Dh] head-major (official in_proj_weight layout).
         self.in_proj = nn.Linear(D, 3 * D, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(D, D, bias=False, device=device, dtype=dtype)
@@ -407,14 +395,14 @@ class _Attention(_Stateful):
         self.k_cache.masked_fill_(_rows(mask, 4), 0.0)
         self.v_cache.masked_fill_(_rows(mask, 4), 0.0)
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, active: Tensor | None) -> Tensor:
-        """x [B, T, D], pos [B, T] absolute positions, mask [B|1, 1, T, (C +) T] -> [B, T, D]."""
+    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor, active: Tensor | None) -> Tensor:
+        """x [B, T, D], pos [B, T] absolute positions and their rope tables, mask [B|1, 1, T, (C +) T]
+        -> [B, T, D]."""
         B, T, D = x.shape
         H = self.num_heads
         qkv = self.in_proj(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
-        q, k, v = qkv.unbind(0)
-        q = _rope(q, pos, self.max_period)
-        k = _rope(k, pos, self.max_period)
+        q, k = rotate(qkv[:2], rope)  # [2, B, H, T, Dh]: q and k in one go
+        v = qkv[2]
         if active is None:
             keys, values = k, v
         else:
@@ -442,8 +430,8 @@ class _TransformerLayer(nn.Module):
         self.scale1 = nn.Parameter(torch.full((D,), cfg.layer_scale, device=device, dtype=dtype))
         self.scale2 = nn.Parameter(torch.full((D,), cfg.layer_scale, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, active: Tensor | None) -> Tensor:
-        x = x + self.scale1 * self.attn(_layer_norm_f32(x, self.norm1), pos, mask, active)
+    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor, active: Tensor | None) -> Tensor:
+        x = x + self.scale1 * self.attn(_layer_norm_f32(x, self.norm1), pos, rope, mask, active)
         return x + self.scale2 * self.linear2(F.gelu(self.linear1(_layer_norm_f32(x, self.norm2))))
 
 
@@ -453,6 +441,7 @@ class _Transformer(_Stateful):
     def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         self.context = cfg.context
+        self.head_dim, self.max_period = cfg.head_dim, cfg.max_period
         self.official_ring = cfg.official_streaming_ring
         self.layers = nn.ModuleList(_TransformerLayer(cfg, max_slots, device, dtype) for _ in range(cfg.num_layers))
         # [S]: steps already written to each slot's K/V ring (= position of the next step).
@@ -480,8 +469,9 @@ class _Transformer(_Stateful):
             if self.official_ring:  # entries the official ring has overwritten with this call's steps
                 ring_ok = ring_ok & (ring_pos[:, None, :] >= end[:, :, None] + T - C)
             mask = torch.cat([ring_ok, new_ok.expand(B, T, T)], dim=-1)[:, None]  # [S, 1, T, C + T]
+        rope = rope_tables(pos, self.head_dim, self.max_period)  # once for all layers
         for layer in self.layers:
-            x = layer(x, pos, mask, active)
+            x = layer(x, pos, rope, mask, active)
         if active is not None:
             self.pos.add_(active.long() * T)
         return x

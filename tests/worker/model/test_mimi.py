@@ -12,6 +12,7 @@ from torch import Tensor
 from app.worker.model.errors import CheckpointError
 from app.worker.model.mimi import Mimi, MimiConfig
 from app.worker.model.mimi_checkpoint import expected_official_shapes, from_official, to_official
+from app.worker.model.rope import rope_tables
 
 CFG = MimiConfig.tiny()
 FRAME = CFG.frame_size
@@ -478,8 +479,10 @@ def test_official_streaming_ring_option(official) -> None:
         written = (q // stride + 1) * stride
         visible = (k <= q) & (k >= written - C) & (q - k < C)
         reference = x
+        pos = torch.arange(steps)[None]
+        rope = rope_tables(pos, cfg.head_dim, cfg.max_period)
         for layer in transformer.layers:
-            reference = layer(reference, torch.arange(steps)[None], visible[None, None], None)
+            reference = layer(reference, pos, rope, visible[None, None], None)
         offline = transformer(x, None)
     torch.testing.assert_close(streamed, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(streamed[:, :C], offline[:, :C], rtol=0, atol=1e-5)
