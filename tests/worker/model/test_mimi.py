@@ -11,7 +11,11 @@ from torch import Tensor
 
 from app.worker.model.errors import CheckpointError
 from app.worker.model.mimi import Mimi, MimiConfig
-from app.worker.model.mimi_checkpoint import expected_official_shapes, from_official, to_official
+from app.worker.model.mimi_checkpoint import (
+    expected_official_shapes,
+    from_official,
+    to_official,
+)
 from app.worker.model.rope import rope_tables
 
 CFG = MimiConfig.tiny()
