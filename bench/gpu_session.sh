@@ -14,6 +14,13 @@
 # Set COMMIT=<short sha> so the JSON names the commit (the device's copy has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { echo "usage: $0 STAGE [STAGE...] (env tests eager graph compiled profile)" >&2; exit 2; }
+for stage in "$@"; do
+    case $stage in
+        env | tests | eager | graph | compiled | profile) ;;
+        *) echo "unknown stage $stage (env tests eager graph compiled profile)" >&2; exit 2 ;;
+    esac
+done
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -50,7 +57,6 @@ for stage in "$@"; do
         profile)
             python3 bench/profile_tick.py --slots "${PROFILE_SLOTS:-1,32}" --cuda-graph | tee "$out/profile.jsonl"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-        *) echo "unknown stage $stage (env tests eager graph compiled profile)" >&2; exit 2 ;;
     esac
 done
 exit $status

@@ -112,3 +112,12 @@ def test_profile_tick_reports_per_tick_costs_on_cpu() -> None:
     assert (run["device"], run["slots"], run["ticks"], run["cuda_graph"]) == ("cpu", 2, 2, False)
     assert run["wall_ms_max"] >= run["wall_ms_p50"] > 0
     assert run["kernels_per_tick"] == 0 and run["top"] and all(r["ms_per_tick"] >= 0 for r in run["top"])
+
+
+def test_the_gpu_session_script_refuses_unknown_stages_before_doing_anything(tmp_path: Path) -> None:
+    script = ROOT / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    done = subprocess.run(["bash", str(script), "warp"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"}, check=False)
+    assert done.returncode == 2 and "unknown stage warp" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before doing anything
