@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import inspect
 import json
 import logging
@@ -32,6 +33,31 @@ logger = logging.getLogger("callcenter")
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+# What the `worker` extra installs (pyproject.toml); the gateway runs without it.
+WORKER_MODULES = ("torch", "safetensors", "sentencepiece", "huggingface_hub", "pyloudnorm")
+
+
+def missing_worker_modules() -> list[str]:
+    """The worker extra's modules this environment cannot import (found without importing them)."""
+    missing = []
+    for name in WORKER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _worker_extra_missing(verb: str) -> bool:
+    missing = missing_worker_modules()
+    if missing:
+        logger.error(
+            "`callcenter %s` runs the model and needs the 'worker' extra (missing: %s): "
+            "pip install 'callcenter[worker]'. The gateway alone does not.", verb, ", ".join(missing),
+        )
+    return bool(missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +189,8 @@ def _run(result: Any) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    if _worker_extra_missing("worker"):
+        return EXIT_CONFIG
     from app.worker.server import run_worker
 
     return _run(run_worker(WorkerSettings(**_overrides(args, "worker"))))
@@ -175,6 +203,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    if _worker_extra_missing("up"):
+        return EXIT_CONFIG
     from app.supervisor import run_up
 
     return run_up(GatewaySettings(), WorkerSettings(), ready_timeout_s=args.ready_timeout)
@@ -232,6 +262,8 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if _worker_extra_missing("bench"):
+        return EXIT_CONFIG
     from app.bench import BenchOptions, run_bench
 
     try:

@@ -68,3 +68,35 @@ def test_unknown_verb_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["dance"])
     assert exc.value.code == 2
+
+
+# An interpreter where torch (the worker extra) cannot be imported, like the gateway image.
+_WITHOUT_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoTorch())
+from app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verb", ["worker", "up", "bench"])
+def test_model_verbs_without_the_worker_extra_say_what_to_install(verb: str, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, verb], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, check=False)
+    assert done.returncode == 2
+    assert "needs the 'worker' extra (missing: torch)" in done.stderr and "callcenter[worker]" in done.stderr
+
+
+def test_the_gateway_and_the_simulated_caller_need_no_torch(tmp_path: Path) -> None:
+    probe = _WITHOUT_TORCH.replace(
+        "from app.cli import main\nsys.exit(main(sys.argv[1:]))",
+        "import app.gateway.app, app.sim.call, app.cli\nassert 'torch' not in sys.modules",
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr

@@ -1,17 +1,15 @@
 # The gateway: Twilio webhooks and media streams, Pipecat pipelines, admin API (`callcenter gateway`).
 # Build from the repository root:  docker build -f infra/docker/gateway.Dockerfile -t callcenter-gateway .
-# No GPU here: torch (a dependency of the package) comes from the CPU wheel index to keep it small.
+# No model here: the package without its `worker` extra (no torch, no weights tooling).
 FROM python:3.11-slim
 
-ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libsndfile1 \
  && rm -rf /var/lib/apt/lists/* \
- && pip install --upgrade pip \
- && pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+ && pip install --upgrade pip
 
 WORKDIR /app
 COPY pyproject.toml ./

@@ -23,7 +23,7 @@ WORKDIR /app
 COPY pyproject.toml ./
 COPY app ./app
 COPY personas ./personas
-RUN pip install . \
+RUN pip install ".[worker]" \
  && useradd --system --uid 10001 --home /data callcenter \
  && mkdir -p /data/hf /data/worker \
  && chown -R callcenter /data
