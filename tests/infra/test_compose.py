@@ -87,10 +87,13 @@ def test_dockerfiles_copy_what_exists_and_run_the_cli(name: str) -> None:
     for source in re.findall(r"^COPY\s+(\S+)\s+\S+$", text, flags=re.M):
         assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
     assert f'CMD ["callcenter", "{name}"]' in text
+    installs = re.findall(r"pip install (\S+)", text)
     if name == "worker":
         assert text.lstrip().startswith("#") and "FROM ${CUDA_IMAGE}" in text and "nvidia/cuda" in text
+        assert '".[worker]"' in installs  # the model's dependencies
     else:
-        assert "FROM python:3.11-slim" in text and "whl/cpu" in text
+        assert "FROM python:3.11-slim" in text
+        assert "." in installs and "torch" not in text.replace("no torch", "")  # the gateway carries no model
 
 
 def test_gateway_entrypoint_refuses_to_run_open(tmp_path: Path) -> None:
