@@ -162,6 +162,9 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
             },
             "frames": {"in": st.frames_in, "run": st.frames_run, "dropped": st.frames_dropped},
             "ticks": asdict(ticks),
+            # How the tick runs: WORKER_COMPILE / WORKER_CUDA_GRAPH as they took effect (a compiled
+            # tick that had to fall back to eager shows compiled: null).
+            "tick": {"compiled": engine.model_tick.compiled, "cuda_graph": engine.model_tick.graphed},
         }
         return JSONResponse(body, status_code=200 if ticks.running else 503)
 

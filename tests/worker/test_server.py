@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,7 +240,17 @@ def test_healthz_reports_the_model_and_the_engine(worker: Worker) -> None:
     assert health["model"]["kind"] == "dir" and health["model"]["device"] == "cpu"
     assert health["slots"]["max"] == worker.settings.worker_max_slots
     assert health["ticks"]["running"] is True
+    assert health["tick"] == {"compiled": None, "cuda_graph": False}  # the defaults: eager
     assert set(health["personas"]) == {"general-assistant", "restaurant-orders", "waste-management"}
+
+
+def test_worker_compile_compiles_the_engine_tick_before_the_worker_serves(
+    runtime: Runtime, make_settings: Callable[..., WorkerSettings]
+) -> None:
+    app = create_app(make_settings(worker_compile=True, worker_cuda_graph=True), runtime)
+    tick = app.state.engine.model_tick
+    assert tick.compiled == "inductor" and tick.compile_s > 0
+    assert tick.graphed is False  # WORKER_CUDA_GRAPH only takes effect on a CUDA device
 
 
 def test_the_worker_registers_heartbeats_and_unregisters(runtime: Runtime, redis_url: str, tmp_path: Path) -> None:
