@@ -121,3 +121,17 @@ def test_the_gpu_session_script_refuses_unknown_stages_before_doing_anything(tmp
                           env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"}, check=False)
     assert done.returncode == 2 and "unknown stage warp" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before doing anything
+
+
+def test_the_gpu_session_script_runs_its_bench_and_profile_stages_on_the_tiny_model(tmp_path: Path) -> None:
+    """The plumbing a lent GPU's one command relies on, tried on CPU (MODEL empty: tiny)."""
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "PYTHON": sys.executable, "MODEL": "",
+           "SLOTS": "1,2", "TICKS": "2", "PROFILE_SLOTS": "1", "COMMIT": "abc1234"}
+    done = subprocess.run(["bash", "bench/gpu_session.sh", "eager", "profile"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    *runs, summary = json.loads((out / "bench-eager.json").read_text())
+    assert [r["slots"] for r in runs] == [1, 2] and summary["commit"] == "abc1234"
+    (profiled,) = [json.loads(line) for line in (out / "profile.jsonl").read_text().splitlines()]
+    assert profiled["slots"] == 1 and profiled["device"] == "cpu"
