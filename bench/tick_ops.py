@@ -12,9 +12,9 @@ aten operators that do work (views and other metadata-only operators excluded) o
 Prints one JSON object per (config, slots): `ops_per_tick` and `by_part` (temporal transformer,
 depformer, sampling, Mimi, the LM's token bookkeeping and embeddings, the tick's own packing).
 Counted outside inference mode, where composite operators are split into the kernels they run
-(`linear` into a matmul, `.float()` into a copy). Caveat: on the meta device attention runs as its
-math decomposition (about ten operators per attention call), where a GPU runs one fused kernel;
-`attention_calls` says how many there are.
+(`linear` into a matmul, `.float()` into a copy); an attention call and an RMSNorm count as one
+each: a GPU runs one fused kernel for them where the meta device runs their decompositions. So
+`ops_per_tick` estimates the kernels one tick launches on a GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from types import FrameType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,17 +73,42 @@ def _part(frame: FrameType | None) -> str:
 
 
 class _OpCounter(TorchDispatchMode):
+    """Counts working aten operators by part; a call of one of `_FUSED_ON_GPU` counts once."""
+
     def __init__(self) -> None:
         super().__init__()
         self.parts: Counter[str] = Counter()
         self.ops: Counter[str] = Counter()
+        self.in_fused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name not in _METADATA_OPS and not getattr(func, "is_view", False):
+        if not self.in_fused and name not in _METADATA_OPS and not getattr(func, "is_view", False):
             self.parts[_part(sys._getframe(1))] += 1
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+# One fused kernel each on a GPU; on the meta device (and CPU) they run as their decompositions.
+_FUSED_ON_GPU = {F.scaled_dot_product_attention: "attention", F.rms_norm: "rms_norm"}
+
+
+class _FusedAsOne(TorchFunctionMode):
+    def __init__(self, counter: _OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _FUSED_ON_GPU.get(func)
+        if name is None or self.counter.in_fused:
+            return func(*args, **(kwargs or {}))
+        self.counter.parts[_part(sys._getframe(1))] += 1
+        self.counter.ops[name] += 1
+        self.counter.in_fused = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.in_fused = False
 
 
 def count(config: str, slots: int) -> dict[str, Any]:
@@ -94,14 +121,14 @@ def count(config: str, slots: int) -> dict[str, Any]:
     tick = ModelTick(lm, mimi)
     tick._active.fill_(True)
     counter = _OpCounter()
-    with counter:
+    with counter, _FusedAsOne(counter):
         tick._compute()
     return {
         "config": config,
         "slots": slots,
         "ops_per_tick": sum(counter.parts.values()),
         "by_part": dict(counter.parts.most_common()),
-        "attention_calls": counter.ops["_safe_softmax"] + counter.ops["_softmax"],
+        "attention_calls": counter.ops["attention"],
         "top_ops": dict(counter.ops.most_common(12)),
         "torch": torch.__version__,
     }
