@@ -412,6 +412,11 @@ class PersonaPlexLM(nn.Module):
         self.register_buffer("top_k_text", torch.empty(s, **long), persistent=False)
         self.register_buffer("top_k_audio", torch.empty(s, **long), persistent=False)
         self.register_buffer("seed", torch.empty(s, **long), persistent=False)
+        # Constants of the sampling RNG, kept so a step does not hash them again: each row's seed
+        # key (follows `seed`) and the token-id hashes of the text and audio vocabularies.
+        self.register_buffer("seed_key", torch.empty(s, **long), persistent=False)
+        self.register_buffer("text_token_hash", torch.empty(cfg.text_vocab, **long), persistent=False)
+        self.register_buffer("audio_token_hash", torch.empty(cfg.card, **long), persistent=False)
         self.init_state()
 
     @property
@@ -424,6 +429,8 @@ class PersonaPlexLM(nn.Module):
         cfg = self.cfg
         self.delays.copy_(torch.tensor(cfg.delays, dtype=torch.long))
         self.initial.copy_(torch.tensor(cfg.initial_tokens, dtype=torch.long))
+        self.text_token_hash.copy_(sampling.token_hashes(cfg.text_vocab, self.device))
+        self.audio_token_hash.copy_(sampling.token_hashes(cfg.card, self.device))
         self.kv.zero_()
         self.reset(torch.ones(self.max_slots, dtype=torch.bool, device=self.device))
 
@@ -475,6 +482,7 @@ class PersonaPlexLM(nn.Module):
         self.top_k_audio.copy_(torch.where(m, cfg.default_top_k_audio, self.top_k_audio))
         fresh = torch.randint(0, 2**62, (self.max_slots,), dtype=torch.long).to(self.seed.device)
         self.seed.copy_(torch.where(m, fresh, self.seed))
+        self.seed_key.copy_(sampling.seed_key(self.seed))
 
     @torch.no_grad()
     def set_sampling(
@@ -504,6 +512,7 @@ class PersonaPlexLM(nn.Module):
             if v.dim() != 0 and v.shape != buf.shape:
                 raise ValueError(f"sampling value must be a scalar or shape {tuple(buf.shape)}, got {tuple(v.shape)}")
             buf.copy_(torch.where(m, v, buf))
+        self.seed_key.copy_(sampling.seed_key(self.seed))
 
     def replay_frame(self) -> Tensor:
         """[17] long: the tokens official `step_embeddings` gives (text PAD, initial audio tokens)."""
@@ -655,7 +664,11 @@ class PersonaPlexLM(nn.Module):
         out = self._temporal_step(x, (o - 1).clamp(min=0), run)  # [S, D]
 
         text_logits = self.text_head(out).float()  # [S, Vt]
-        sampled_text = sampling.sample(text_logits, self.temp_text, self.top_k_text, self.seed, o, 0)
+        key = sampling.step_key(self.seed_key, o)  # [S]: this step's RNG key of each row, for every stream
+        text_noise = sampling.gumbel_from_keys(sampling.stream_key(key, 0), self.text_token_hash)  # [S, Vt]
+        sampled_text = sampling.sample(
+            text_logits, self.temp_text, self.top_k_text, self.seed, o, 0, noise=text_noise
+        )
         prev = torch.where(prov[:, 0], target[:, 0], sampled_text)
 
         dcfg = self.depformer
@@ -669,7 +682,8 @@ class PersonaPlexLM(nn.Module):
         ]
         audio_tokens, audio_logits = [], []
         steps = torch.arange(1, p + 1, device=dev)  # the depformer steps' sampling streams
-        noise = sampling.gumbel(self.seed[:, None], o[:, None], steps, cfg.card)  # [S, P, card], one go
+        dep_keys = sampling.stream_key(key[:, None], steps)  # [S, P]
+        noise = sampling.gumbel_from_keys(dep_keys, self.audio_token_hash)  # [S, P, card], one go
         for k in range(p):
             logits = dcfg.step(k, out, prev, kv)  # [S, card]
             tok = sampling.sample(

@@ -34,20 +34,41 @@ def hash32(x: Tensor) -> Tensor:
     return x
 
 
+def seed_key(seed: Tensor) -> Tensor:
+    """The seed's part of a row key, [N] from seed [N] long: a constant of the seed, made once."""
+    seed = seed.long()
+    k = hash32(((seed >> 32) & _MASK32) ^ 0x9E3779B9)
+    return hash32(k ^ (seed & _MASK32))
+
+
+def step_key(seed_k: Tensor, offset: Tensor) -> Tensor:
+    """The key of a row's step: its `seed_key` mixed with its offset [N] long (shared by streams)."""
+    offset = offset.long()
+    k = hash32(seed_k ^ (offset & _MASK32))
+    return hash32(k ^ ((offset >> 32) & _MASK32))
+
+
+def stream_key(step_k: Tensor, stream: Tensor | int) -> Tensor:
+    """The key of one token stream of a step: [N] with stream int or [N]; [N, 1] with [P] -> [N, P]."""
+    if isinstance(stream, Tensor):
+        return hash32(step_k ^ (stream.to(step_k.device, torch.long) & _MASK32))
+    return hash32(step_k ^ (int(stream) & _MASK32))  # a Python scalar: no host copy, graph-capturable
+
+
 def row_keys(seed: Tensor, offset: Tensor, stream: Tensor | int) -> Tensor:
     """Mix (seed, offset, stream) into one 32-bit key per row. seed, offset: [N] long."""
-    seed = seed.long()
-    offset = offset.long()
-    if isinstance(stream, Tensor):
-        stream_t = stream.to(seed.device, torch.long)  # broadcasts: [N] with [N], or [P] with [N, 1]
-    else:
-        stream_t = torch.full_like(seed, int(stream))  # a fill kernel: no host copy, graph-capturable
-    k = hash32(((seed >> 32) & _MASK32) ^ 0x9E3779B9)  # [N]
-    k = hash32(k ^ (seed & _MASK32))
-    k = hash32(k ^ (offset & _MASK32))
-    k = hash32(k ^ ((offset >> 32) & _MASK32))
-    k = hash32(k ^ (stream_t & _MASK32))
-    return k
+    return stream_key(step_key(seed_key(seed), offset), stream)
+
+
+def token_hashes(vocab: int, device: torch.device | str) -> Tensor:
+    """The token ids' part of every uniform, [vocab] long: a constant of the vocabulary, made once."""
+    return hash32(torch.arange(vocab, device=device, dtype=torch.long) + 0x632BE5AB)
+
+
+def uniform_from_keys(keys: Tensor, tokens: Tensor) -> Tensor:
+    """Uniform numbers in (0, 1), float32 [..., V], for keys [...] and `token_hashes` [V]."""
+    bits = hash32(keys[..., None] ^ tokens)  # [..., V]
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def uniform(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> Tensor:
@@ -56,16 +77,17 @@ def uniform(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> T
     seed, offset [N] with stream int or [N] give [N, V]; seed, offset [N, 1] with stream [P] give
     [N, P, V]: the noise of P streams in one go, equal to P separate calls.
     """
-    keys = row_keys(seed, offset, stream)  # [N] or [N, P]
-    tokens = torch.arange(vocab, device=seed.device, dtype=torch.long)
-    bits = hash32(keys[..., None] ^ hash32(tokens + 0x632BE5AB))  # [..., V]
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return uniform_from_keys(row_keys(seed, offset, stream), token_hashes(vocab, seed.device))
+
+
+def gumbel_from_keys(keys: Tensor, tokens: Tensor) -> Tensor:
+    """Standard Gumbel noise, float32 [..., V], for keys [...] and `token_hashes` [V]."""
+    return -torch.log(-torch.log(uniform_from_keys(keys, tokens)))
 
 
 def gumbel(seed: Tensor, offset: Tensor, stream: Tensor | int, vocab: int) -> Tensor:
     """Standard Gumbel noise, float32 [N, vocab], a pure function of its key."""
-    u = uniform(seed, offset, stream, vocab)
-    return -torch.log(-torch.log(u))
+    return gumbel_from_keys(row_keys(seed, offset, stream), token_hashes(vocab, seed.device))
 
 
 MAX_TOP_K = 512  # top-k above this (and below the vocabulary) acts as this; 0 = no filter
@@ -101,7 +123,7 @@ def sample(
     seed [N] long; offset [N] long (the row's own step counter); stream: int or [N] long (which
     token stream of the step: 0 text, 1 + k depformer step k). Returns [N] long.
     noise [N, V]: this stream's `gumbel(seed, offset, stream, V)` when the caller made it already
-    (e.g. for all depformer steps at once); then seed/offset/stream are not used.
+    (e.g. from keys and token hashes kept between steps); then seed/offset/stream are not used.
     Rows with temperature <= 0 take the argmax of the logits.
     """
     if logits.dim() != 2:

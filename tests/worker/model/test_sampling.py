@@ -139,3 +139,27 @@ def test_noise_of_several_streams_at_once_equals_one_stream_at_a_time():
     together = sampling.gumbel(seed[:, None], offset[:, None], streams, 64)  # [3, 8, 64]
     for k in range(8):
         assert torch.equal(together[:, k], sampling.gumbel(seed, offset, 1 + k, 64))
+
+
+def test_keys_kept_between_steps_give_the_same_noise_as_hashing_everything_each_step():
+    """The LM keeps each row's seed key and the token-id hashes; the noise must not change."""
+    seed = torch.tensor([0, 7, 2**40 + 3, 2**62 - 1])
+    offset = torch.tensor([1, 55, 3000, 2**33 + 5])
+    key = sampling.step_key(sampling.seed_key(seed), offset)
+    text = sampling.gumbel_from_keys(sampling.stream_key(key, 0), sampling.token_hashes(500, "cpu"))
+    assert torch.equal(text, sampling.gumbel(seed, offset, 0, 500))
+    audio = sampling.gumbel_from_keys(sampling.stream_key(key[:, None], torch.arange(1, 9)),
+                                      sampling.token_hashes(64, "cpu"))
+    assert torch.equal(audio, sampling.gumbel(seed[:, None], offset[:, None], torch.arange(1, 9), 64))
+
+
+def test_the_lm_seed_key_follows_every_seed_change():
+    from app.worker.model.lm import LMConfig, PersonaPlexLM
+
+    lm = PersonaPlexLM(LMConfig.tiny(), max_slots=3)
+    assert torch.equal(lm.seed_key, sampling.seed_key(lm.seed))  # fresh random seeds at build
+    lm.set_sampling([1], seed=12345)
+    assert torch.equal(lm.seed_key, sampling.seed_key(lm.seed)) and int(lm.seed[1]) == 12345
+    lm.reset([1])
+    assert int(lm.seed[1]) != 12345 and torch.equal(lm.seed_key, sampling.seed_key(lm.seed))
+    assert torch.equal(lm.text_token_hash, sampling.token_hashes(lm.cfg.text_vocab, "cpu"))
