@@ -681,3 +681,25 @@ def test_from_official_errors_name_the_tensor():
     extra["transformer.layers.0.layer_scale_1.scale"] = torch.zeros(64)
     with pytest.raises(CheckpointError, match="layer_scale_1"):
         ck.from_official(extra, CFG)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_the_official_float32_formula(dtype: torch.dtype) -> None:
+    """Official: var = eps + mean(x^2) in float32; y = (x * (alpha * rsqrt(var))).to(dtype)."""
+    from app.worker.model.lm import RMSNorm
+
+    gen = torch.Generator().manual_seed(11)
+    norm = RMSNorm(4096, 1e-8, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(4096, generator=gen))
+    x = (3 * torch.randn(8, 2, 4096, generator=gen)).to(dtype)
+    xf = x.float()
+    var = 1e-8 + torch.mean(xf * xf, dim=-1, keepdim=True)
+    official = (xf * (norm.weight.float() * torch.rsqrt(var))).to(dtype)
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == dtype
+    step = torch.finfo(dtype).eps  # one rounding step: the products' order differs, nothing else
+    torch.testing.assert_close(got, official, rtol=step, atol=step)
+    if dtype != torch.float32:  # after the cast back, the order shows in (almost) no element
+        assert (got != official).float().mean() < 1e-3
