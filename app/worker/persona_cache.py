@@ -1,8 +1,9 @@
 """Persona prompt states on disk: computed once per (checkpoint, persona, device), loaded at start after.
 
 A persona's prompt state (`SlotState` after the whole persona prompt; see `model/prompts.py`) is a pure
-function of the LM weights, the code that runs the prefill, the tokenised role prompt, the voice prompt,
-the dtypes and the device kind. `state_key` hashes all of them; the state is kept as one safetensors
+function of the LM weights, the numerics of the code that runs the prefill (`MODEL_CODE_VERSION`),
+the tokenised role prompt, the voice prompt, the dtypes and the device kind. `state_key` hashes all of
+them (an edit of the code that changes no number, a docstring say, keeps every cached state); the state is kept as one safetensors
 file per key under the cache directory (normally WORKER_STATE_DIR/persona-cache/):
 
     <persona id>.<key[:32]>.safetensors   tensors offset [] long, cache [17, CT] long,
@@ -32,17 +33,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from app.worker.model import lm as lm_module
-from app.worker.model import lm_checkpoint, prompts
-from app.worker.model.lm import LMConfig, SlotState
+from app.worker.model import MODEL_CODE_VERSION, prompts
+from app.worker.model.lm import LMConfig
+from app.worker.model.lm_state import SlotState
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "personaplex-persona-state/1"
 CACHE_DIRNAME = "persona-cache"
 _SAMPLE_BYTES = 1 << 20  # bytes of tensor data hashed at each end of the LM file
-# The code that turns weights + prompt into a state: a change to it must miss the cache.
-_CODE_FILES = (lm_module.__file__, prompts.__file__, lm_checkpoint.__file__)
 _STATE_TENSORS = ("offset", "cache", "provided", "kv")
 
 
@@ -109,14 +108,6 @@ def _state_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def code_identity() -> str:
-    """Hash of the source files that compute a prompt state."""
-    digest = hashlib.sha256()
-    for name in _CODE_FILES:
-        digest.update(Path(name).read_bytes())
-    return digest.hexdigest()
-
-
 def state_key(
     *,
     checkpoint: str,
@@ -136,7 +127,7 @@ def state_key(
         "kv_dtype": str(kv_dtype),
         "device": device_identity(device),
         "torch": torch.__version__,
-        "code": code_identity(),
+        "model_code": MODEL_CODE_VERSION,
         "role_tokens": [int(t) for t in role_tokens],
         "voice": voice_digest(voice),
     }
@@ -229,21 +220,6 @@ class PersonaCache:
 
     def _check(self, path: Path, state: SlotState) -> None:
         """The state fits this LM: shapes, dtypes, and a KV window matching its offset."""
-        cfg = self.cfg
-        ring = (cfg.num_streams, cfg.cache_len)
-        if state.offset.dim() != 0 or state.offset.dtype != torch.long:
-            raise CorruptEntry(f"{path}: offset must be a 0-d long tensor")
-        offset = int(state.offset)
-        n = min(max(offset - 1, 0), cfg.context)
-        want_kv = (cfg.num_layers, 2, cfg.num_heads, n, cfg.head_dim)
-        problems = []
-        if offset < 0:
-            problems.append(f"offset {offset} < 0")
-        if tuple(state.cache.shape) != ring or state.cache.dtype != torch.long:
-            problems.append(f"cache {state.cache.dtype} {tuple(state.cache.shape)}, want long {ring}")
-        if tuple(state.provided.shape) != ring or state.provided.dtype != torch.bool:
-            problems.append(f"provided {state.provided.dtype} {tuple(state.provided.shape)}, want bool {ring}")
-        if tuple(state.kv.shape) != want_kv or state.kv.dtype != self.kv_dtype:
-            problems.append(f"kv {state.kv.dtype} {tuple(state.kv.shape)}, want {self.kv_dtype} {want_kv}")
+        problems = state.problems(self.cfg, self.kv_dtype)
         if problems:
             raise CorruptEntry(f"{path}: {'; '.join(problems)}")

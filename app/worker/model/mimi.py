@@ -8,13 +8,13 @@ Streaming state is preallocated for `max_slots` rows; encoder and decoder have s
 - every causal conv keeps the last `(kernel - 1) * dilation + 1 - stride` input samples of each slot
   (zeros at reset; the downsampling conv replicates the slot's first latent instead, as officially);
 - every transposed conv keeps its overlap-add tail of `kernel - stride` output samples (without bias);
-- every transformer layer keeps a K/V ring of `context` steps with a per-slot position counter; RoPE is
-  applied at absolute per-slot positions (interleaved pairs, as officially).
-A query at position p attends the keys at positions p - context + 1 .. p, exactly like the offline
-(whole-signal) model and transformers' MimiModel. The official streaming code writes both steps of a
-frame into a ring of `context` entries before attending, so once more than `context` steps have passed
-the first step of each frame misses its single oldest key; `MimiConfig.official_streaming_ring=True`
-reproduces that instead.
+- every transformer layer keeps a K/V ring of `context` steps (`streaming.KVRing`) with a per-slot
+  position counter; RoPE is applied at absolute per-slot positions (interleaved pairs, as officially).
+Attention follows the reference's streaming ring exactly: both steps of a frame are written into the
+ring, then attended, so the first step of a frame sees the `context - 2` steps up to itself and the
+second `context - 1` (`streaming.ring_visible`). The whole-signal `encode`/`decode` apply the same rule
+frame by frame, so they equal streaming the frames (the reference encodes a voice prompt that way).
+Inside the first `context - 1` steps this is also the training-style window of transformers' MimiModel.
 
 Every per-slot operation runs on all rows with fixed shapes; `active` selects which rows advance and the
 other rows keep every state tensor bit for bit.
@@ -22,7 +22,6 @@ other rows keep every state tensor bit for bit.
 
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.worker.model.rope import Tables, rope_tables, rotate
+from app.worker.model.streaming import KVRing, SlotStateful, reset_stateful, ring_visible, rows, slot_mask
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,6 @@ class MimiConfig:
     max_period: float = 10000.0
     layer_scale: float = 0.01
     norm_eps: float = 1e-5
-    # False: a query sees the previous `context` steps, as offline and in transformers (default).
-    # True: reproduce the official streaming ring (both steps of a frame written before attending), where
-    # the first step of each frame sees only `context - 1` steps.
-    official_streaming_ring: bool = False
     # Split residual VQ.
     codebook_dim: int = 256
     codebook_size: int = 2048
@@ -80,8 +76,8 @@ class MimiConfig:
             raise ValueError(f"encoder frame rate / frame_rate must be an integer, got {stride}")
         if self.dimension % self.num_heads != 0 or (self.dimension // self.num_heads) % 2 != 0:
             raise ValueError(f"dimension {self.dimension} must split into {self.num_heads} even-sized heads")
-        if self.context < self.resample_stride:
-            raise ValueError(f"context {self.context} must be >= {self.resample_stride} steps per frame")
+        if self.context <= self.resample_stride:
+            raise ValueError(f"context {self.context} must be > {self.resample_stride} steps per frame")
         if not self.n_semantic < self.num_codebooks <= self.total_codebooks:
             raise ValueError(
                 f"need n_semantic ({self.n_semantic}) < num_codebooks ({self.num_codebooks}) "
@@ -135,25 +131,12 @@ class MimiConfig:
 Device = torch.device | str | None
 
 
-def _rows(mask: Tensor, ndim: int) -> Tensor:
-    """View a [S] mask so it broadcasts over a tensor with `ndim` dims and slots first."""
-    return mask.view(-1, *([1] * (ndim - 1)))
-
-
 def _uniform_(t: Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     nn.init.uniform_(t, -bound, bound)
 
 
-class _Stateful(nn.Module, abc.ABC):
-    """A module holding per-slot streaming state."""
-
-    @abc.abstractmethod
-    def reset_slots(self, mask: Tensor) -> None:
-        """Clear the state of the rows where `mask` [S] is True."""
-
-
-class _CausalConv1d(_Stateful):
+class _CausalConv1d(SlotStateful):
     """Causal Conv1d keeping the last `(k - 1) * dilation + 1 - stride` input samples per slot."""
 
     def __init__(
@@ -197,7 +180,7 @@ class _CausalConv1d(_Stateful):
             self.register_buffer("fresh", torch.ones(max_slots, dtype=torch.bool, device=device), persistent=False)
 
     def reset_slots(self, mask: Tensor) -> None:
-        self.state.masked_fill_(_rows(mask, 3), 0.0)
+        self.state.masked_fill_(rows(mask, 3), 0.0)
         if self.replicate_pad:
             self.fresh.masked_fill_(mask, True)
 
@@ -214,16 +197,16 @@ class _CausalConv1d(_Stateful):
         else:
             past = self.state
             if self.replicate_pad:
-                past = torch.where(_rows(self.fresh, 3), x[:, :, :1].expand(B, C, self.context), past)
+                past = torch.where(rows(self.fresh, 3), x[:, :, :1].expand(B, C, self.context), past)
         xp = torch.cat([past, x], dim=-1)  # [B, C_in, P + T]
         if active is not None:
-            self.state.copy_(torch.where(_rows(active, 3), xp[:, :, xp.shape[-1] - self.context :], self.state))
+            self.state.copy_(torch.where(rows(active, 3), xp[:, :, xp.shape[-1] - self.context :], self.state))
             if self.replicate_pad:
                 self.fresh.logical_and_(~active)
         return F.conv1d(xp, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-class _CausalConvTranspose1d(_Stateful):
+class _CausalConvTranspose1d(SlotStateful):
     """Causal ConvTranspose1d; keeps the overlap-add tail of `kernel - stride` outputs per slot."""
 
     def __init__(
@@ -260,7 +243,7 @@ class _CausalConvTranspose1d(_Stateful):
         )
 
     def reset_slots(self, mask: Tensor) -> None:
-        self.tail.masked_fill_(_rows(mask, 3), 0.0)
+        self.tail.masked_fill_(rows(mask, 3), 0.0)
 
     def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
         """x [B, C_in, T] -> [B, C_out, T * stride]. active None: offline from a fresh state."""
@@ -269,7 +252,7 @@ class _CausalConvTranspose1d(_Stateful):
         if self.overlap > 0:
             if active is not None:
                 y = torch.cat([y[:, :, : self.overlap] + self.tail, y[:, :, self.overlap :]], dim=-1)
-                self.tail.copy_(torch.where(_rows(active, 3), y[:, :, n_out:], self.tail))
+                self.tail.copy_(torch.where(rows(active, 3), y[:, :, n_out:], self.tail))
             y = y[:, :, :n_out]
         if self.bias is not None:
             y = y + self.bias[:, None]
@@ -376,43 +359,30 @@ def _layer_norm_f32(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     return y.to(x.dtype)
 
 
-class _Attention(_Stateful):
-    """Causal multi-head self-attention with a per-slot K/V ring of `context` steps."""
+class _Attention(nn.Module):
+    """Causal multi-head self-attention; streaming through a per-slot K/V ring of `context` steps."""
 
     def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
         D, H = cfg.dimension, cfg.num_heads
         self.num_heads = H
-        self.context = cfg.context
         # Rows [q; k; v], each [H * Dh] head-major (official in_proj_weight layout).
         self.in_proj = nn.Linear(D, 3 * D, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(D, D, bias=False, device=device, dtype=dtype)
-        ring = (max_slots, H, cfg.context, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(ring, device=device, dtype=dtype), persistent=False)  # [S,H,C,Dh]
-        self.register_buffer("v_cache", torch.zeros(ring, device=device, dtype=dtype), persistent=False)  # [S,H,C,Dh]
+        self.ring = KVRing(max_slots, H, cfg.context, cfg.head_dim, device=device, dtype=dtype)
 
-    def reset_slots(self, mask: Tensor) -> None:
-        self.k_cache.masked_fill_(_rows(mask, 4), 0.0)
-        self.v_cache.masked_fill_(_rows(mask, 4), 0.0)
-
-    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor, active: Tensor | None) -> Tensor:
-        """x [B, T, D], pos [B, T] absolute positions and their rope tables, mask [B|1, 1, T, (C +) T]
-        -> [B, T, D]."""
+    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor | None, active: Tensor | None) -> Tensor:
+        """x [B, T, D] at absolute positions pos [B, T] (their rope tables). active None: whole
+        signals, attending among themselves under mask [T, T]; else one streaming call of all
+        slots through the ring (`active` [S] rows advance) -> [B, T, D]."""
         B, T, D = x.shape
-        H = self.num_heads
-        qkv = self.in_proj(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
+        qkv = self.in_proj(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rotate(qkv[:2], rope)  # [2, B, H, T, Dh]: q and k in one go
         v = qkv[2]
         if active is None:
-            keys, values = k, v
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Dh]
         else:
-            keys = torch.cat([self.k_cache, k], dim=2)  # [S, H, C + T, Dh]
-            values = torch.cat([self.v_cache, v], dim=2)  # [S, H, C + T, Dh]
-            idx = (pos % self.context)[:, None, :, None].expand(B, H, T, D // H)  # [S, H, T, Dh]
-            keep = _rows(active, 4)
-            self.k_cache.scatter_(2, idx, torch.where(keep, k, self.k_cache.gather(2, idx)))
-            self.v_cache.scatter_(2, idx, torch.where(keep, v, self.v_cache.gather(2, idx)))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, T, Dh]
+            out = self.ring.attend(q, k, v, pos, active)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -430,19 +400,18 @@ class _TransformerLayer(nn.Module):
         self.scale1 = nn.Parameter(torch.full((D,), cfg.layer_scale, device=device, dtype=dtype))
         self.scale2 = nn.Parameter(torch.full((D,), cfg.layer_scale, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor, active: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor | None, active: Tensor | None) -> Tensor:
         x = x + self.scale1 * self.attn(_layer_norm_f32(x, self.norm1), pos, rope, mask, active)
         return x + self.scale2 * self.linear2(F.gelu(self.linear1(_layer_norm_f32(x, self.norm2))))
 
 
-class _Transformer(_Stateful):
-    """Causal transformer over [B, T, D] with a sliding context and per-slot positions."""
+class _Transformer(SlotStateful):
+    """Causal transformer over [B, T, D] with the reference's ring attention and per-slot positions."""
 
     def __init__(self, cfg: MimiConfig, max_slots: int, device: Device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.context = cfg.context
+        self.context, self.chunk = cfg.context, cfg.resample_stride
         self.head_dim, self.max_period = cfg.head_dim, cfg.max_period
-        self.official_ring = cfg.official_streaming_ring
         self.layers = nn.ModuleList(_TransformerLayer(cfg, max_slots, device, dtype) for _ in range(cfg.num_layers))
         # [S]: steps already written to each slot's K/V ring (= position of the next step).
         self.register_buffer("pos", torch.zeros(max_slots, dtype=torch.long, device=device), persistent=False)
@@ -451,24 +420,17 @@ class _Transformer(_Stateful):
         self.pos.masked_fill_(mask, 0)
 
     def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
-        """x [B, T, D] -> [B, T, D]. active None: offline from position 0."""
+        """x [B, T, D] -> [B, T, D]. active None: whole signals from position 0, seen frame by frame
+        (T a multiple of the steps per frame); else one streaming call (one frame) of all slots."""
         B, T, _ = x.shape
-        C = self.context
         steps = torch.arange(T, device=x.device)
-        delta = steps[:, None] - steps[None, :]  # [T, T] query - key
-        new_ok = (delta >= 0) & (delta < C)  # [T, T]
+        mask = None
         if active is None:
             pos = steps.expand(B, T)  # [B, T]
-            mask = new_ok[None, None]  # [1, 1, T, T]
+            end = (steps // self.chunk + 1) * self.chunk  # [T]: the end of each step's frame
+            mask = ring_visible(steps[None, :], steps[:, None], end[:, None], self.context)  # [T, T]
         else:
-            end = self.pos[:, None]  # [S, 1]
-            pos = end + steps  # [S, T]
-            ring = torch.arange(C, device=x.device)
-            ring_pos = end - 1 - torch.remainder(end - 1 - ring, C)  # [S, C] position held by each ring entry
-            ring_ok = (ring_pos[:, None, :] >= 0) & (pos[:, :, None] - ring_pos[:, None, :] < C)  # [S, T, C]
-            if self.official_ring:  # entries the official ring has overwritten with this call's steps
-                ring_ok = ring_ok & (ring_pos[:, None, :] >= end[:, :, None] + T - C)
-            mask = torch.cat([ring_ok, new_ok.expand(B, T, T)], dim=-1)[:, None]  # [S, 1, T, C + T]
+            pos = self.pos[:, None] + steps  # [S, T]
         rope = rope_tables(pos, self.head_dim, self.max_period)  # once for all layers
         for layer in self.layers:
             x = layer(x, pos, rope, mask, active)
@@ -564,18 +526,6 @@ class Mimi(nn.Module):
         """Initialise the streaming state of every slot (e.g. after building on meta and `to_empty`)."""
         self.reset(torch.ones(self.max_slots, dtype=torch.bool, device=self.device))
 
-    def _slot_mask(self, slots: Tensor) -> Tensor:
-        device = self.encoder_transformer.pos.device
-        if slots.dtype == torch.bool:
-            if tuple(slots.shape) != (self.max_slots,):
-                raise ValueError(f"slot mask must have shape ({self.max_slots},), got {tuple(slots.shape)}")
-            return slots.to(device)
-        if slots.dtype not in (torch.int32, torch.int64) or slots.dim() != 1:
-            raise ValueError(f"slots must be a [S] bool mask or a 1-D LongTensor of indices, got {slots.dtype}")
-        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=device)
-        mask[slots.to(device=device, dtype=torch.long)] = True
-        return mask
-
     def _encoder_side(self) -> list[nn.Module]:
         return [self.encoder, self.encoder_transformer, self.downsample]
 
@@ -583,11 +533,9 @@ class Mimi(nn.Module):
         return [self.upsample, self.decoder_transformer, self.decoder]
 
     def _reset(self, parts: list[nn.Module], slots: Tensor) -> None:
-        mask = self._slot_mask(slots)
+        mask = slot_mask(slots, self.max_slots, self.device)
         for part in parts:
-            for module in part.modules():
-                if isinstance(module, _Stateful):
-                    module.reset_slots(mask)
+            reset_stateful(part, mask)
 
     @torch.no_grad()
     def reset(self, slots: Tensor) -> None:

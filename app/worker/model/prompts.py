@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model.lm import LMConfig, PersonaPlexLM
+from app.worker.model.lm_state import SlotState
 from app.worker.model.mimi import Mimi
 
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
@@ -156,6 +157,6 @@ def voice_embeddings_from_audio(
     embeddings = lm.embed_columns(columns)[0]  # [M-1, D]
     lm.reset(slot)
     lm.prefill_frames(slot, frames=frames)
-    cache = lm.cache[slot].clone()
+    cache = lm.tokens.cache[slot].clone()
     lm.reset(slot)
     return VoiceEmbeddings(embeddings=embeddings.float().cpu(), cache=cache.cpu())

@@ -27,7 +27,9 @@ import torch
 
 from app.worker.model import lm_checkpoint as ck
 from app.worker.model.errors import CheckpointError
-from app.worker.model.lm import SINE_TOKENS, LMConfig, PersonaPlexLM
+from app.worker.model.lm import LMConfig, PersonaPlexLM
+from app.worker.model.prompts import SINE_TOKENS
+from tests.worker.model.reference import lm_forward_sequence, ring_views, training_window
 
 CFG = LMConfig.tiny()
 ATOL = 1e-4
@@ -65,6 +67,21 @@ def random_frames(batch: int, n: int, gen: torch.Generator, cfg: LMConfig = CFG)
 
 def state_rows(model: PersonaPlexLM) -> dict[str, torch.Tensor]:
     return {name: buf.clone() for name, buf in model.named_buffers()}
+
+
+def all_kv(model: PersonaPlexLM) -> torch.Tensor:
+    """Every layer's KV ring, stacked: [L, 2, S, H, C, Dh]."""
+    return torch.stack([ring.kv for ring in model.rings])
+
+
+def stepped(model: PersonaPlexLM, n: int) -> torch.Tensor:
+    """The reference's view for n positions stepped one at a time through the LM's ring: [n, n]."""
+    return ring_views(model.cfg.context, 1, n)
+
+
+def depformer_view(model: PersonaPlexLM) -> torch.Tensor:
+    """The reference's depformer ring (one cell per checkpoint step, no context bound): [P, P]."""
+    return ring_views(model.cfg.dep_q, 1, model.depformer_steps, context=None)
 
 
 def manual_columns(frames: torch.Tensor, cfg: LMConfig = CFG) -> torch.Tensor:
@@ -188,16 +205,13 @@ def _additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
 
 
-def _hf_forward(cfg: LMConfig, seed: int, cols: torch.Tensor, window: bool):
-    """HF text logits [B, T, Vt], 8-step and 16-step audio logits [B, P, T, card] for columns [B, 17, T+1]."""
+def _hf_forward(cfg: LMConfig, seed: int, cols: torch.Tensor, mask: torch.Tensor, depth_mask16: torch.Tensor):
+    """HF text logits [B, T, Vt], 8-step and 16-step audio logits [B, P, T, card] for columns
+    [B, 17, T+1], HF given our masks: mask [T, T] (temporal), depth_mask16 [16, 16] (16-step decoder)."""
     hf, depth16 = _hf_models(cfg, seed)
     b, _, t1 = cols.shape
     t = t1 - 1
-    attn = None
-    if window:
-        pos = torch.arange(t)
-        delta = pos[:, None] - pos[None, :]
-        attn = _additive((delta >= 0) & (delta < cfg.context))[None, None].expand(b, 1, t, t)
+    attn = _additive(mask)[None, None].expand(b, 1, t, t)
     with torch.no_grad():
         out = hf(
             input_ids=cols[:, 0, :t],
@@ -208,12 +222,12 @@ def _hf_forward(cfg: LMConfig, seed: int, cols: torch.Tensor, window: bool):
         )
         hidden = out.last_hidden_state.reshape(b * t, 1, cfg.dim)
         results = []
-        for decoder, steps in ((hf.depth_decoder, AGENT), (depth16, cfg.dep_q)):
+        causal8 = torch.ones(AGENT, AGENT, dtype=torch.bool).tril()
+        for decoder, steps, dmask in ((hf.depth_decoder, AGENT, causal8), (depth16, cfg.dep_q, depth_mask16)):
             ids = cols[:, :steps, 1:].permute(0, 2, 1).reshape(b * t, steps)  # text, codebooks 0..steps-2
-            causal = _additive(torch.tril(torch.ones(steps, steps, dtype=torch.bool)))[None, None]
             logits = decoder(
-                input_ids=ids, last_hidden_state=hidden, attention_mask=causal.expand(b * t, 1, steps, steps),
-                use_cache=False,
+                input_ids=ids, last_hidden_state=hidden,
+                attention_mask=_additive(dmask)[None, None].expand(b * t, 1, steps, steps), use_cache=False,
             ).logits
             results.append(logits.view(b, t, steps, -1).permute(0, 2, 1, 3))
     return out.logits, results[0], results[1]
@@ -234,12 +248,18 @@ def _random_columns(b: int, t1: int, gen: torch.Generator, cfg: LMConfig = CFG) 
 
 # ------------------------------------------------------------------------------------ tests
 def test_matches_hf_moshi_teacher_forced():
-    """Text logits and audio logits (8-step HF depth decoder and 16-step one) equal HF's, float32."""
+    """The whole-sequence reference's text and audio logits (8-step HF depth decoder and 16-step one)
+    equal HF's given the same masks, float32: inside the context, and with the reference's 16-step
+    depformer ring, where step 15 does not see step 0."""
     gen = torch.Generator().manual_seed(10)
-    cols = _random_columns(2, 21, gen)  # T = 20 < context: HF's plain causal mask is exact
-    hf_text, hf_audio8, hf_audio16 = _hf_forward(CFG, 0, cols, window=False)
-    text8, audio8 = make_model(depformer_steps=8).forward_sequence(cols)
-    text16, audio16 = make_model(depformer_steps=16).forward_sequence(cols)
+    cols = _random_columns(2, 21, gen)  # T = 20 < context
+    mask = training_window(20, CFG.context)
+    dep16 = ring_views(CFG.dep_q, 1, CFG.dep_q, context=None)
+    assert not bool(dep16[15, 0]) and int(dep16.sum()) == int(torch.ones(16, 16).tril().sum()) - 1
+    hf_text, hf_audio8, hf_audio16 = _hf_forward(CFG, 0, cols, mask, dep16)
+    m8, m16 = make_model(depformer_steps=8), make_model(depformer_steps=16)
+    text8, audio8 = lm_forward_sequence(m8, cols, mask, depformer_view(m8))
+    text16, audio16 = lm_forward_sequence(m16, cols, mask, depformer_view(m16))
     assert text8.shape == hf_text.shape == (2, 20, CFG.text_vocab)
     assert audio8.shape == hf_audio8.shape == (2, 8, 20, CFG.card)
     assert audio16.shape == hf_audio16.shape == (2, 16, 20, CFG.card)
@@ -248,20 +268,28 @@ def test_matches_hf_moshi_teacher_forced():
     torch.testing.assert_close(text16, hf_text, atol=ATOL, rtol=0)
     torch.testing.assert_close(audio8, hf_audio8, atol=ATOL, rtol=0)
     torch.testing.assert_close(audio16, hf_audio16, atol=ATOL, rtol=0)
+    # The ring matters for step 15 only: a plain causal 16-step decoder differs there, nowhere else.
+    _, _, causal16 = _hf_forward(CFG, 0, cols, mask, torch.ones(16, 16, dtype=torch.bool).tril())
+    torch.testing.assert_close(causal16[:, :15], hf_audio16[:, :15], atol=ATOL, rtol=0)
+    assert float((causal16[:, 15] - hf_audio16[:, 15]).abs().max()) > 1e-3
 
 
-def test_sliding_window_matches_hf_with_window_mask():
-    """Beyond `context` positions attention is a sliding window (HF given the same 4D window mask)."""
+def test_reference_ring_mask_matches_hf_given_it():
+    """Past `context` the reference ring shows a stepped query its C - 1 latest positions; the
+    whole-sequence reference under that mask equals HF under it, and differs from the training window."""
     cfg = dataclasses.replace(CFG, context=8)
     gen = torch.Generator().manual_seed(11)
     cols = _random_columns(1, 25, gen, cfg)
-    hf_text, hf_audio8, _ = _hf_forward(cfg, 0, cols, window=True)
-    text, audio = make_model(cfg, 1).forward_sequence(cols)
+    view = ring_views(cfg.context, 1, 24)
+    assert torch.equal(view, training_window(24, cfg.context - 1))  # the rule, stated plainly
+    model = make_model(cfg, 1)
+    hf_text, hf_audio8, _ = _hf_forward(cfg, 0, cols, view, ring_views(cfg.dep_q, 1, cfg.dep_q, context=None))
+    text, audio = lm_forward_sequence(model, cols, view, depformer_view(model))
     torch.testing.assert_close(text, hf_text, atol=ATOL, rtol=0)
     torch.testing.assert_close(audio, hf_audio8, atol=ATOL, rtol=0)
-    # The window matters: a full causal mask gives other logits past the context.
-    full_text, _, _ = _hf_forward(cfg, 0, cols, window=False)
-    assert float((full_text[:, cfg.context :] - text[:, cfg.context :]).abs().max()) > 1e-3
+    trained, _ = lm_forward_sequence(model, cols, training_window(24, cfg.context), depformer_view(model))
+    torch.testing.assert_close(trained[:, : cfg.context - 1], text[:, : cfg.context - 1], atol=ATOL, rtol=0)
+    assert float((trained[:, cfg.context - 1 :] - text[:, cfg.context - 1 :]).abs().max()) > 1e-3
 
 
 def test_zero_token_embeds_to_zero():
@@ -283,15 +311,19 @@ def test_frames_to_columns_follows_official_delays():
 
 
 @pytest.mark.parametrize("depformer_steps", [8, 16])
-def test_streaming_forced_equals_forward_sequence(depformer_steps):
-    """Stepping fully given frames gives forward_sequence's logits, and echoes the frames delayed."""
+@pytest.mark.parametrize("context", [CFG.context, 6])
+def test_streaming_forced_equals_the_reference(depformer_steps, context):
+    """Stepping fully given frames gives the whole-sequence reference's logits under the reference
+    ring's views (inside the window, and 4x past a context of 6), and echoes the frames delayed."""
+    cfg = dataclasses.replace(CFG, context=context)
     gen = torch.Generator().manual_seed(2)
-    n = 12
+    n = 26
     frames = random_frames(3, n, gen)
-    model = make_model(max_slots=3, depformer_steps=depformer_steps)
+    model = make_model(cfg, max_slots=3, depformer_steps=depformer_steps)
     active = torch.ones(3, dtype=torch.bool)
     outs = [model.step(frames[:, :, i], active, return_logits=True) for i in range(n)]
-    text, audio = model.forward_sequence(model.frames_to_columns(frames))  # positions 0..n-2
+    cols = model.frames_to_columns(frames)
+    text, audio = lm_forward_sequence(model, cols, stepped(model, n - 1), depformer_view(model))  # positions 0..n-2
     for i in range(1, n):
         torch.testing.assert_close(outs[i].text_logits, text[:, i - 1], atol=ATOL, rtol=0)
         torch.testing.assert_close(outs[i].audio_logits, audio[:, :, i - 1], atol=ATOL, rtol=0)
@@ -303,29 +335,32 @@ def test_streaming_forced_equals_forward_sequence(depformer_steps):
             assert torch.equal(outs[i].audio, frames[:, 1:9, i - 1])
         else:
             assert bool((outs[i].text == -1).all()) and bool((outs[i].audio == -1).all())
-    assert model.offset.tolist() == [n] * 3
+    assert model.tokens.offset.tolist() == [n] * 3
+    if context < n - 1:  # the test can fail: the training-style window gives other logits past it
+        trained, _ = lm_forward_sequence(model, cols, training_window(n - 1, context), depformer_view(model))
+        assert float((trained[:, context - 1 :] - text[:, context - 1 :]).abs().max()) > 1e-3
 
 
 def test_offset_zero_initialises_without_transformer_call():
     model = make_model(max_slots=2)
     gen = torch.Generator().manual_seed(3)
     frames = random_frames(2, 3, gen)
-    kv0 = model.kv.clone()
+    kv0 = all_kv(model).clone()
     out = model.step(frames[:, :, 0], torch.ones(2, dtype=torch.bool))
     assert out.valid.tolist() == [False, False]
-    assert model.offset.tolist() == [1, 1]
-    assert torch.equal(model.kv, kv0)
-    assert torch.equal(model.cache[:, :, 0], model.initial[None].expand(2, -1))
+    assert model.tokens.offset.tolist() == [1, 1]
+    assert torch.equal(all_kv(model), kv0)
+    assert torch.equal(model.tokens.cache[:, :, 0], model.tokens.initial[None].expand(2, -1))
     out = model.step(frames[:, :, 1], torch.ones(2, dtype=torch.bool))
     assert out.valid.tolist() == [False, False]
-    assert not torch.equal(model.kv, kv0)
+    assert not torch.equal(all_kv(model), kv0)
     out = model.step(frames[:, :, 2], torch.ones(2, dtype=torch.bool))
     assert out.valid.tolist() == [True, True]
 
 
-def test_kv_ring_wraparound_with_sampling_matches_sliding_window_reference():
-    """Stepping far past `context` (ring wraps) with sampled text/agent tokens equals
-    forward_sequence (a windowed whole-sequence forward, checked against HF above) over the
+def test_kv_ring_wraparound_with_sampling_matches_the_reference_ring():
+    """Stepping far past `context` (ring wraps) with sampled text/agent tokens equals the
+    whole-sequence reference (checked against HF above) under the reference ring's views, over the
     tokens actually produced."""
     cfg = dataclasses.replace(CFG, context=8)
     model = make_model(cfg, max_slots=2)
@@ -346,7 +381,8 @@ def test_kv_ring_wraparound_with_sampling_matches_sliding_window_reference():
         assert bool(outs[j + 1].valid.all())
         frames[:, 0, j] = outs[j + 1].text
         frames[:, 1:9, j] = outs[j + 1].audio
-    text, audio = model.forward_sequence(model.frames_to_columns(frames))  # positions 0..n-3
+    cols = model.frames_to_columns(frames)
+    text, audio = lm_forward_sequence(model, cols, stepped(model, n - 2), depformer_view(model))  # 0..n-3
     for i in range(1, n - 1):
         torch.testing.assert_close(outs[i].text_logits, text[:, i - 1], atol=ATOL, rtol=0)
         torch.testing.assert_close(outs[i].audio_logits, audio[:, :, i - 1], atol=ATOL, rtol=0)
@@ -440,9 +476,10 @@ def test_inactive_rows_bit_for_bit_unchanged():
     )
     after = state_rows(model)
     for name, buf in before.items():
-        row = (lambda t: t[:, :, 1]) if name == "kv" else (lambda t: t[1] if t.dim() and t.shape[0] == 3 else t)
+        ring = name.endswith(".kv")  # [2, S, H, C, Dh]
+        row = (lambda t: t[:, 1]) if ring else (lambda t: t[1] if t.dim() and t.shape[0] == 3 else t)
         assert torch.equal(row(buf), row(after[name])), name
-    assert not torch.equal(before["kv"][:, :, 0], after["kv"][:, :, 0])
+    assert not torch.equal(before["rings.0.kv"][:, 0], after["rings.0.kv"][:, 0])
     # Nothing active: nothing changes at all.
     model.step(frames[:, :, 5], torch.zeros(3, dtype=torch.bool))
     for name, buf in state_rows(model).items():
@@ -460,13 +497,14 @@ def test_reset_clears_only_selected_rows(slots):
     before = state_rows(model)
     model.reset(slots)
     after = state_rows(model)
-    assert int(model.offset[1]) == 0
-    assert bool((model.cache[1] == -2).all()) and not bool(model.provided[1].any())
-    assert float(model.temp_text[1]) == pytest.approx(CFG.default_temperature_text)
-    assert int(model.top_k_audio[1]) == CFG.default_top_k_audio
+    assert int(model.tokens.offset[1]) == 0
+    assert bool((model.tokens.cache[1] == -2).all()) and not bool(model.tokens.provided[1].any())
+    assert float(model.sampling.temp_text[1]) == pytest.approx(CFG.default_temperature_text)
+    assert int(model.sampling.top_k_audio[1]) == CFG.default_top_k_audio
     for name, buf in before.items():
-        if name == "kv":
-            assert torch.equal(buf, after[name])  # stale KV is masked by position, not cleared
+        if name.endswith(".kv"):  # [2, S, H, C, Dh]: the reset row is zeroed, the others kept
+            assert torch.equal(buf[:, [0, 2]], after[name][:, [0, 2]]), name
+            assert bool((after[name][:, 1] == 0).all()) and bool((buf[:, 1] != 0).any()), name
         elif buf.dim() and buf.shape[0] == 3:
             assert torch.equal(buf[[0, 2]], after[name][[0, 2]]), name
         else:
@@ -500,9 +538,9 @@ def test_missing_user_tokens_become_zero_tokens_with_8_steps():
     frame = torch.full((1, 17), -1, dtype=torch.long)
     for _ in range(3):
         model.step(frame, torch.ones(1, dtype=torch.bool))
-    target = int(model.offset[0] - 1) % CFG.cache_len
-    assert bool((model.cache[0, 9:, target] == -1).all())
-    assert bool((model.cache[0, :9, target] >= 0).all())
+    target = int(model.tokens.offset[0] - 1) % CFG.cache_len
+    assert bool((model.tokens.cache[0, 9:, target] == -1).all())
+    assert bool((model.tokens.cache[0, :9, target] >= 0).all())
 
 
 def _prompt_frames(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -577,9 +615,9 @@ def test_meta_build_then_init_state():
     model.to_empty(device="cpu")
     model.load_state_dict(ck.from_official(_official_weights(CFG, 0), CFG))
     model.init_state()
-    assert model.offset.tolist() == [0, 0] and bool((model.cache == -2).all())
-    assert model.delays.tolist() == list(CFG.delays) and model.initial.tolist() == list(CFG.initial_tokens)
-    assert bool((model.kv == 0).all())
+    assert model.tokens.offset.tolist() == [0, 0] and bool((model.tokens.cache == -2).all())
+    assert model.tokens.delays.tolist() == list(CFG.delays) and model.tokens.initial.tolist() == list(CFG.initial_tokens)
+    assert bool((all_kv(model) == 0).all())
     ref = make_model(max_slots=2)
     gen = torch.Generator().manual_seed(16)
     frames = random_frames(2, 4, gen)

@@ -17,10 +17,14 @@ from app.worker.model.mimi_checkpoint import (
     to_official,
 )
 from app.worker.model.rope import rope_tables
+from tests.worker.model.reference import ring_views, training_window
 
 CFG = MimiConfig.tiny()
 FRAME = CFG.frame_size
 N_FRAMES = 20  # 1.6 s: 40 transformer steps, more than 2x the tiny context of 16 (ring wrap-around)
+# transformers' MimiModel attends within a training-style window; inside the reference ring's first
+# `context - 1` steps the two agree, so the oracle tests run with a context longer than their signal.
+HF_CFG = replace(CFG, context=2 * N_FRAMES * CFG.resample_stride + 1)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def _hf_model(official: dict[str, Tensor]):
         hidden_act="gelu",
         norm_eps=CFG.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": CFG.max_period},
-        sliding_window=CFG.context,
+        sliding_window=HF_CFG.context,
         layer_scale_initial_scale=CFG.layer_scale,
         attention_bias=False,
         use_cache=False,
@@ -200,14 +204,19 @@ def hf(official):
     return _hf_model(official)
 
 
-def _ours(official: dict[str, Tensor], max_slots: int) -> Mimi:
-    model = Mimi(CFG, max_slots=max_slots).eval()
-    model.load_state_dict(from_official(official, CFG), strict=True)
+def _ours(official: dict[str, Tensor], max_slots: int, cfg: MimiConfig = CFG) -> Mimi:
+    model = Mimi(cfg, max_slots=max_slots).eval()
+    model.load_state_dict(from_official(official, cfg), strict=True)
     return model
 
 
 def _state(model: Mimi) -> dict[str, Tensor]:
-    return {name: buf.clone() for name, buf in model.named_buffers() if name != "quantizer.codebooks"}
+    """Every per-slot buffer, slots first (the KV rings are [2, S, H, C, Dh])."""
+    return {
+        name: (buf.transpose(0, 1) if name.endswith("ring.kv") else buf).clone()
+        for name, buf in model.named_buffers()
+        if name != "quantizer.codebooks"
+    }
 
 
 def _stream_encode(model: Mimi, pcm: Tensor, slot: int = 0) -> Tensor:
@@ -336,7 +345,7 @@ def test_streaming_encode_matches_hf_offline(official, hf) -> None:
     for level in range(CFG.num_codebooks):
         assert expected[:, level].unique().numel() >= N_FRAMES // 2, level
 
-    model = _ours(official, max_slots=2)
+    model = _ours(official, max_slots=2, cfg=HF_CFG)
     codes = torch.stack([_stream_encode(model, pcm[b], slot=b) for b in range(2)])
     assert torch.equal(codes, expected)
     assert torch.equal(model.encode(pcm), expected)
@@ -356,7 +365,7 @@ def test_streaming_decode_matches_hf_offline(official, hf) -> None:
     assert expected.shape == (2, N_FRAMES * FRAME)
     assert expected.std() > 1e-2
 
-    model = _ours(official, max_slots=2)
+    model = _ours(official, max_slots=2, cfg=HF_CFG)
     streamed = torch.stack([_stream_decode(model, codes[b], slot=b) for b in range(2)])
     assert (streamed - expected).abs().max() <= 1e-4
     assert (model.decode(codes) - expected).abs().max() <= 1e-4
@@ -465,32 +474,47 @@ def test_encoder_and_decoder_states_are_separate(official) -> None:
     assert after["encoder_transformer.pos"].tolist() == [CFG.resample_stride] * 2
 
 
-def test_official_streaming_ring_option(official) -> None:
-    """official_streaming_ring=True: the first step of a frame no longer sees the step `context - 1` back."""
-    cfg = replace(CFG, official_streaming_ring=True)
-    model = Mimi(cfg, max_slots=1)
-    model.load_state_dict(from_official(official, cfg), strict=True)
-    transformer, C, stride = model.encoder_transformer, cfg.context, cfg.resample_stride
+@pytest.mark.parametrize("side", ["encoder_transformer", "decoder_transformer"])
+def test_transformers_attend_as_the_reference_ring(official, side) -> None:
+    """Streaming two steps per frame, 3x past the context: each step sees exactly what the reference
+    ring shows it (`ring_views`: the first step of a frame context - 2 steps, the second context - 1),
+    and the whole-signal path applies the same rule frame by frame."""
+    model = _ours(official, max_slots=2)
+    transformer, C, stride = getattr(model, side), CFG.context, CFG.resample_stride
     steps = 3 * C
-    x = torch.randn(1, steps, cfg.dimension, generator=torch.Generator().manual_seed(5))
-    active = torch.ones(1, dtype=torch.bool)
+    x = torch.randn(1, steps, CFG.dimension, generator=torch.Generator().manual_seed(5))
+    active = torch.tensor([False, True])
+    views = ring_views(C, stride, steps)
+    assert [int(views[q].sum()) for q in (2 * C, 2 * C + 1)] == [C - 2, C - 1]
     with torch.no_grad():
-        streamed = torch.cat([transformer(x[:, t : t + stride], active) for t in range(0, steps, stride)], dim=1)
-        # Reference: once the call holding query q has written its steps, a ring of C entries holds only the
-        # last C positions written; a key is visible if held, causal and within the context.
-        q = torch.arange(steps)[:, None]
-        k = torch.arange(steps)[None, :]
-        written = (q // stride + 1) * stride
-        visible = (k <= q) & (k >= written - C) & (q - k < C)
-        reference = x
+        streamed = torch.cat(
+            [transformer(x[:, t : t + stride].expand(2, -1, -1), active)[1:] for t in range(0, steps, stride)], dim=1
+        )
         pos = torch.arange(steps)[None]
-        rope = rope_tables(pos, cfg.head_dim, cfg.max_period)
-        for layer in transformer.layers:
-            reference = layer(reference, pos, rope, visible[None, None], None)
+        rope = rope_tables(pos, CFG.head_dim, CFG.max_period)
+
+        def dense(visible: Tensor) -> Tensor:
+            y = x
+            for layer in transformer.layers:
+                y = layer(y, pos, rope, visible, None)
+            return y
+
+        reference, window = dense(views), dense(training_window(steps, C))
         offline = transformer(x, None)
     torch.testing.assert_close(streamed, reference, rtol=0, atol=1e-5)
-    torch.testing.assert_close(streamed[:, :C], offline[:, :C], rtol=0, atol=1e-5)
-    assert (streamed[:, C:] - offline[:, C:]).abs().max() > 1e-3
+    torch.testing.assert_close(offline, reference, rtol=0, atol=1e-5)
+    assert (window[:, C:] - reference[:, C:]).abs().max() > 1e-3  # the rule matters past the window
+
+
+def test_whole_clip_encode_and_decode_equal_streaming_past_the_context(official) -> None:
+    """A voice prompt several contexts long encodes (and codes decode) as if streamed frame by frame."""
+    model = _ours(official, max_slots=2)
+    pcm = _signal(3 * CFG.context // CFG.resample_stride + 3, seed=21)  # 3 contexts and more
+    codes = model.encode(pcm)
+    assert torch.equal(codes[0], _stream_encode(model, pcm[0], slot=1))
+    decoded = model.decode(codes)
+    streamed = _stream_decode(model, codes[0], slot=0)
+    assert (decoded[0] - streamed).abs().max() <= 1e-5
 
 
 def test_meta_build_then_init_state(official) -> None:

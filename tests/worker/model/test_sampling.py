@@ -157,9 +157,9 @@ def test_the_lm_seed_key_follows_every_seed_change():
     from app.worker.model.lm import LMConfig, PersonaPlexLM
 
     lm = PersonaPlexLM(LMConfig.tiny(), max_slots=3)
-    assert torch.equal(lm.seed_key, sampling.seed_key(lm.seed))  # fresh random seeds at build
+    assert torch.equal(lm.sampling.seed_key, sampling.seed_key(lm.sampling.seed))  # fresh random seeds at build
     lm.set_sampling([1], seed=12345)
-    assert torch.equal(lm.seed_key, sampling.seed_key(lm.seed)) and int(lm.seed[1]) == 12345
+    assert torch.equal(lm.sampling.seed_key, sampling.seed_key(lm.sampling.seed)) and int(lm.sampling.seed[1]) == 12345
     lm.reset([1])
-    assert int(lm.seed[1]) != 12345 and torch.equal(lm.seed_key, sampling.seed_key(lm.seed))
-    assert torch.equal(lm.text_token_hash, sampling.token_hashes(lm.cfg.text_vocab, "cpu"))
+    assert int(lm.sampling.seed[1]) != 12345 and torch.equal(lm.sampling.seed_key, sampling.seed_key(lm.sampling.seed))
+    assert torch.equal(lm.sampling.text_token_hash, sampling.token_hashes(lm.cfg.text_vocab, "cpu"))
