@@ -264,7 +264,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if _worker_extra_missing("bench"):
         return EXIT_CONFIG
-    from app.bench import BenchOptions, run_bench
+    from app.worker.bench import BenchOptions, run_bench
 
     try:
         options = BenchOptions(

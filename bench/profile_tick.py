@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app.bench import BenchOptions, build_weights, caller_frames, models_for
+from app.worker.bench import caller_frames
 from app.worker.engine import engine_threads
+from app.worker.model import tiny
 from app.worker.runtime import resolve_device
 from app.worker.tick import ModelTick
 
@@ -97,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    options = BenchOptions(full=not args.tiny, device=args.device, seed=args.seed)
+    lm_cfg, mimi_cfg = tiny.configs(full=not args.tiny)
     device, dtype = resolve_device(args.device, "auto")
     if not args.tiny:
         dtype = torch.bfloat16
     torch.set_num_threads(engine_threads(device))  # as the worker's engine thread
     with torch.inference_mode():
-        weights, lm1, mimi1 = build_weights(options, device, dtype)
+        weights, lm1, mimi1 = tiny.build_weights(lm_cfg, mimi_cfg, device=device, dtype=dtype, seed=args.seed)
         del lm1, mimi1
         for slots in (int(s) for s in args.slots.split(",")):
-            lm, mimi = models_for(weights, slots, device)
+            lm, mimi = tiny.models_for(weights, slots, device)
             lm.set_sampling(list(range(slots)), seed=args.seed)
             tick = ModelTick(lm, mimi, cuda_graph=args.cuda_graph and device.type == "cuda",
                              compile="inductor" if args.compile else None)

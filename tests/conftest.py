@@ -37,7 +37,7 @@ def _deterministic_torch() -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding random tiny weights in exactly the official file names and layout."""
-    from app.worker.model.loading import make_tiny_checkpoint
+    from app.worker.model.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-personaplex")
     make_tiny_checkpoint(root)

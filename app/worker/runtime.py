@@ -10,15 +10,18 @@
   each role prompt tokenised and its prompt state computed once, in a scratch slot, and kept;
   computed states are cached on disk under WORKER_STATE_DIR/persona-cache/ (`persona_cache.py`),
   so a restart with the same weights, prompt, voice and dtype loads them instead.
+The part after the weights are loaded (personas, voices, prompt states, the `Runtime`) is
+`runtime_from_models`, which the bench (`app/worker/bench.py`) runs on random weights too.
 A call's join is then a copy: reset the rows, import the persona state, set the sampling.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,12 +30,13 @@ import torch
 from safetensors import safe_open
 
 from app.config import WorkerSettings
-from app.personas import PersonaBook, load_personas
+from app.personas import Persona, PersonaBook, load_personas
 from app.protocol import FRAME_SAMPLES, Sampling
 from app.worker import persona_cache
-from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts
+from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts, tiny
 from app.worker.model.errors import CheckpointError
-from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model.lm import LMConfig, PersonaPlexLM
+from app.worker.model.lm_state import SlotState
 from app.worker.model.mimi import Mimi, MimiConfig
 
 logger = logging.getLogger(__name__)
@@ -173,7 +177,7 @@ def ensure_tiny_checkpoint(root: Path) -> loading.CheckpointFiles:
         if root.exists():
             logger.warning("tiny checkpoint at %s is incomplete; writing it again", root)
     staging = root.with_name(f".{root.name}.{int(time.time() * 1000)}.partial")
-    loading.make_tiny_checkpoint(staging)
+    tiny.make_tiny_checkpoint(staging)
     if root.exists():
         shutil.rmtree(root)
     try:
@@ -237,22 +241,47 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         "loaded %s model (%s) on %s/%s for %d slots in %.1f s",
         kind, source, device, str(dtype).removeprefix("torch."), slots, time.perf_counter() - started,
     )
+    return runtime_from_models(
+        lm, mimi, tokenizer, book,
+        voice_for=lambda persona: loading.load_voice(persona.voice_path(files.voices_dir), lm_cfg, mimi),
+        cache=persona_cache.PersonaCache(settings.worker_state_dir / persona_cache.CACHE_DIRNAME, lm_cfg, lm.kv_dtype),
+        checkpoint=persona_cache.checkpoint_identity(files.lm),
+        kind=kind, source=source, device=device,
+    )
 
+
+@torch.inference_mode()
+def runtime_from_models(
+    lm: PersonaPlexLM,
+    mimi: Mimi,
+    tokenizer: TextTokenizer,
+    book: PersonaBook,
+    *,
+    voice_for: Callable[[Persona], prompts.Voice],
+    cache: persona_cache.PersonaCache,
+    checkpoint: str,
+    kind: str,
+    source: str,
+    device: torch.device,
+) -> Runtime:
+    """The runtime of networks already on `device`: every persona's prompt state, from `cache` or computed.
+
+    Each persona's role prompt is tokenised, its voice prompt comes from `voice_for`, and its state is
+    loaded from the persona cache or prefilled once in a scratch slot (then cached); `checkpoint`
+    names the weights in the cache key. `build_runtime` calls this with the loaded checkpoint, the
+    bench with random weights, a synthetic persona and a stand-in tokenizer.
+    """
     role_tokens: dict[str, list[int]] = {}
     voices: dict[str, prompts.Voice] = {}
     states: dict[str, SlotState] = {}
     prompt_ms: dict[str, float] = {}
     cached: dict[str, bool] = {}
-    cache = persona_cache.PersonaCache(
-        settings.worker_state_dir / persona_cache.CACHE_DIRNAME, lm_cfg, lm.kv_dtype
-    )
-    checkpoint = persona_cache.checkpoint_identity(files.lm)
     scratch = 0  # every slot is free at start; the scratch slot is reset after use
     for persona_id, persona in book.personas.items():
         tokens = tokenizer.encode(prompts.wrap_system(persona.prompt))
-        voice = loading.load_voice(persona.voice_path(files.voices_dir), lm_cfg, mimi)
+        voice = voice_for(persona)
         key = persona_cache.state_key(
-            checkpoint=checkpoint, cfg=lm_cfg, dtype=dtype, kv_dtype=lm.kv_dtype, device=device,
+            checkpoint=checkpoint, cfg=lm.cfg, dtype=lm.dtype, kv_dtype=lm.kv_dtype, device=device,
             role_tokens=tokens, voice=voice,
         )
         t0 = time.perf_counter()
@@ -273,7 +302,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         kind=kind,
         source=source,
         device=device,
-        dtype=dtype,
+        dtype=lm.dtype,
         lm=lm,
         mimi=mimi,
         tokenizer=tokenizer,

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from app.config import WorkerSettings
 from app.worker import persona_cache
 from app.worker.model import loading, prompts
-from app.worker.model.lm import LMConfig, SlotState
+from app.worker.model.lm import LMConfig
+from app.worker.model.lm_state import SlotState
 from app.worker.persona_cache import PersonaCache, checkpoint_identity, state_key
 from app.worker.runtime import Runtime, build_runtime
 

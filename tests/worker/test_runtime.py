@@ -80,16 +80,16 @@ def test_join_copies_the_state_and_sets_persona_sampling_with_overrides(runtime:
     lm = runtime.lm
     runtime.join_slot(1, "restaurant-orders", Sampling(text_temperature=0.2, seed=42))
     state = runtime.prompt_states["restaurant-orders"]
-    assert int(lm.offset[1]) == int(state.offset)
-    assert torch.equal(lm.cache[1], state.cache)
+    assert int(lm.tokens.offset[1]) == int(state.offset)
+    assert torch.equal(lm.tokens.cache[1], state.cache)
     exported = lm.export_slot(1)
     assert torch.equal(exported.kv, state.kv)
     persona = runtime.personas.personas["restaurant-orders"].sampling
-    assert lm.temp_text[1].item() == pytest.approx(0.2)  # the call's override
-    assert lm.temp_audio[1].item() == pytest.approx(persona.audio_temperature)  # the persona's value
-    assert int(lm.top_k_text[1]) == persona.text_top_k
-    assert int(lm.top_k_audio[1]) == persona.audio_top_k
-    assert int(lm.seed[1]) == 42
+    assert lm.sampling.temp_text[1].item() == pytest.approx(0.2)  # the call's override
+    assert lm.sampling.temp_audio[1].item() == pytest.approx(persona.audio_temperature)  # the persona's value
+    assert int(lm.sampling.top_k_text[1]) == persona.text_top_k
+    assert int(lm.sampling.top_k_audio[1]) == persona.audio_top_k
+    assert int(lm.sampling.seed[1]) == 42
     with pytest.raises(UnknownPersona):
         runtime.join_slot(1, "nobody")
 

@@ -38,14 +38,14 @@ def _speechy(n: int, seed: int) -> np.ndarray:
 def test_only_the_given_rows_advance_and_outputs_follow_row_order() -> None:
     lm, mimi = _models(3)
     tick = ModelTick(lm, mimi)
-    kv_before = lm.kv[:, :, 0].clone()
+    kv_before = torch.stack([ring.kv[:, 0] for ring in lm.rings]).clone()
     offsets = []
     for t in range(4):
         out = tick.run([2, 1], _speechy(2, t))
         assert out.shape == (2, FRAME_SAMPLES + 1 + 8) and out.dtype == np.int16
-        offsets.append(lm.offset.tolist())
+        offsets.append(lm.tokens.offset.tolist())
     assert offsets[-1] == [0, 4, 4]  # slot 0 never ran
-    assert torch.equal(lm.kv[:, :, 0], kv_before)
+    assert torch.equal(torch.stack([ring.kv[:, 0] for ring in lm.rings]), kv_before)
     # After the first two frames (offset > max delay) the rows carry valid agent codes.
     pcm, text, codes = tick.split(out)
     assert pcm.shape == (2, FRAME_SAMPLES) and text.shape == (2,) and codes.shape == (2, 8)
@@ -189,7 +189,7 @@ def test_a_compiled_tick_that_would_recompile_runs_eagerly_instead() -> None:
     tick = ModelTick(lm, mimi, compile="aot_eager")
     assert tick.compiled == "aot_eager" and tick.compile_s > 0
     tick.run([0], _speechy(1, 0))
-    lm.temp_text = lm.temp_text.double()  # a tensor the compiled tick was specialised on changes dtype
+    lm.sampling.temp_text = lm.sampling.temp_text.double()  # a tensor the compiled tick was specialised on changes dtype
     out = tick.run([0, 1], _speechy(2, 1))
     assert out.shape == (2, FRAME_SAMPLES + 1 + 8)
     assert tick.compiled is None and tick.work == tick._compute

@@ -419,9 +419,10 @@ class PersonaPlexLM(nn.Module):
         """One position per row. x [S, D], pos [S] (KV position), run [S] -> out_norm output [S, D]."""
         h = x[:, None, :]  # [S, 1, D]
         rope = rope_tables(pos[:, None], self.cfg.head_dim, self.cfg.max_period)  # once for all layers
+        mask = self.rings[0].mask(pos[:, None])  # [S, 1, 1, C], the same for all layers
         for layer, ring in zip(self.layers, self.rings):
             q, k, v = layer.qkv(h, rope)  # [S, H, 1, Dh]
-            h = layer.finish(h, ring.attend(q, k, v, pos[:, None], run))
+            h = layer.finish(h, ring.attend(q, k, v, pos[:, None], run, mask))
         return self.out_norm(h)[:, 0]
 
     @torch.no_grad()

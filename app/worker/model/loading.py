@@ -10,14 +10,13 @@ The files are the ones of the Hugging Face repo `nvidia/personaplex-7b-v1`:
 They come from a local directory or from the hub through huggingface_hub (gated: accept the licence
 and set HF_TOKEN). The translation between the official key layout and our modules lives in
 `lm_checkpoint.py` and `mimi_checkpoint.py`; this module does the file work and the checks.
-`make_tiny_checkpoint` writes random weights for the tiny configs in exactly this layout, so tests
-and the local demo go through the very same loader.
+`tiny.make_tiny_checkpoint` writes random weights for the tiny configs in exactly this layout, so
+tests and the local demo go through the very same loader.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import tarfile
@@ -28,18 +27,13 @@ import numpy as np
 import sentencepiece
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from app.worker.model import lm_checkpoint, mimi_checkpoint
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
-from app.worker.model.prompts import (
-    Voice,
-    VoiceEmbeddings,
-    voice_codes_from_audio,
-    voice_embeddings_from_audio,
-)
+from app.worker.model.prompts import Voice, VoiceEmbeddings, voice_codes_from_audio
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +287,7 @@ def load_voice_embeddings(path: Path, cfg: LMConfig) -> VoiceEmbeddings:
         raise CheckpointError(
             f"{path}: embeddings has shape {tuple(emb.shape)}, expected (N, 1, 1, {cfg.dim})"
         )
-    ring = cfg.token_ring
+    ring = cfg.cache_len
     if tuple(cache.shape) != (1, cfg.num_streams, ring):
         raise CheckpointError(
             f"{path}: cache has shape {tuple(cache.shape)}, expected (1, {cfg.num_streams}, {ring})"
@@ -328,89 +322,3 @@ def load_voice_audio(path: Path) -> np.ndarray:
     if not np.isfinite(loudness):
         raise CheckpointError(f"{path}: the voice prompt is silent")
     return pyloudnorm.normalize.loudness(mono, loudness, VOICE_TARGET_LUFS).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The tiny checkpoint
-
-
-def train_tiny_tokenizer(vocab_size: int) -> bytes:
-    """Train a sentencepiece model of `vocab_size` pieces with ids 0..3 = unk/EPAD, BOS, EOS, PAD."""
-    corpus = [
-        "<system> You are a friendly agent of the city waste management line. <system>",
-        "<system> You take food orders for a restaurant; be brief and polite. <system>",
-        "hello thank you for calling how can I help you today",
-        "your pickup is scheduled for tuesday morning, anything else?",
-        "one large pizza with mushrooms and a lemonade, that will be twelve dollars",
-        "please hold while I transfer your call to a colleague",
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'-()<>/",
-    ] * 8
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        minloglevel=2,
-        num_threads=1,
-    )
-    return buf.getvalue()
-
-
-def make_tiny_checkpoint(
-    directory: str | os.PathLike,
-    *,
-    seed: int = 0,
-    voices: tuple[str, ...] = OFFICIAL_VOICES,
-) -> CheckpointFiles:
-    """Write random tiny-config weights in exactly the official file names and key layout.
-
-    Also writes a tiny sentencepiece model and `voices.tgz` with voice prompts made by running
-    our own Mimi + LM over synthetic voice audio (the way the official `.pt` files are made).
-    """
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    lm_cfg, mimi_cfg = LMConfig.tiny(), MimiConfig.tiny()
-    torch.manual_seed(seed)
-    mimi = Mimi(mimi_cfg, max_slots=1)
-    lm = PersonaPlexLM(lm_cfg, max_slots=1, depformer_steps=lm_cfg.depformer_total_steps)
-    mimi.eval()
-    lm.eval()
-    save_file(_contiguous(mimi_checkpoint.to_official(mimi.state_dict(), mimi_cfg)), str(root / MIMI_FILE))
-    save_file(_contiguous(lm_checkpoint.to_official(lm.state_dict(), lm_cfg)), str(root / LM_FILE))
-    (root / TOKENIZER_FILE).write_bytes(train_tiny_tokenizer(lm_cfg.text_card))
-
-    staging = root / f".{VOICES_DIR}.build"
-    (staging / VOICES_DIR).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in voices:
-        audio = synthetic_voice(rng)
-        voice = voice_embeddings_from_audio(lm, mimi, audio)
-        save_voice_embeddings(staging / VOICES_DIR / f"{name}.pt", voice)
-    with tarfile.open(root / VOICES_ARCHIVE, "w:gz") as tar:
-        tar.add(staging / VOICES_DIR, arcname=VOICES_DIR)
-    for path in (staging / VOICES_DIR).iterdir():
-        path.unlink()
-    (staging / VOICES_DIR).rmdir()
-    staging.rmdir()
-    return resolve_checkpoint(root)
-
-
-def synthetic_voice(rng: np.random.Generator, seconds: float = 1.2) -> np.ndarray:
-    """A voiced-speech-like signal (gliding harmonics, syllable envelope) at 24 kHz.  # [T]"""
-    t = np.arange(int(seconds * VOICE_SAMPLE_RATE)) / VOICE_SAMPLE_RATE
-    f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 1.5 * t))
-    phase = 2 * np.pi * np.cumsum(f0) / VOICE_SAMPLE_RATE
-    voiced = sum(np.sin(h * phase) / h for h in range(1, 8))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-    noise = 0.02 * rng.standard_normal(t.shape)
-    return (0.3 * voiced * envelope + noise).astype(np.float32)
-
-
-def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}

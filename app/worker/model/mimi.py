@@ -374,7 +374,7 @@ class _Attention(nn.Module):
     def forward(self, x: Tensor, pos: Tensor, rope: Tables, mask: Tensor | None, active: Tensor | None) -> Tensor:
         """x [B, T, D] at absolute positions pos [B, T] (their rope tables). active None: whole
         signals, attending among themselves under mask [T, T]; else one streaming call of all
-        slots through the ring (`active` [S] rows advance) -> [B, T, D]."""
+        slots through the ring (`active` [S] rows advance; mask from `KVRing.mask`) -> [B, T, D]."""
         B, T, D = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rotate(qkv[:2], rope)  # [2, B, H, T, Dh]: q and k in one go
@@ -382,7 +382,7 @@ class _Attention(nn.Module):
         if active is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Dh]
         else:
-            out = self.ring.attend(q, k, v, pos, active)
+            out = self.ring.attend(q, k, v, pos, active, mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -431,6 +431,7 @@ class _Transformer(SlotStateful):
             mask = ring_visible(steps[None, :], steps[:, None], end[:, None], self.context)  # [T, T]
         else:
             pos = self.pos[:, None] + steps  # [S, T]
+            mask = self.layers[0].attn.ring.mask(pos)  # [S, 1, T, C], the same for all layers
         rope = rope_tables(pos, self.head_dim, self.max_period)  # once for all layers
         for layer in self.layers:
             x = layer(x, pos, rope, mask, active)

@@ -120,23 +120,28 @@ class KVRing(SlotStateful):
     def _store(self, k: Tensor, v: Tensor, pos: Tensor, write: Tensor) -> None:
         """k, v [S, H, T, Dh] at positions pos [S, T] into the rows `write` [S]; other rows untouched."""
         s, h, t, dh = k.shape
-        idx = (pos % self.capacity)[:, None, :, None].expand(s, h, t, dh)  # [S, H, T, Dh]
-        keep = rows(write, 4)
-        for buf, new in ((self.kv[0], k), (self.kv[1], v)):
-            buf.scatter_(2, idx, torch.where(keep, new.to(buf.dtype), buf.gather(2, idx)))
+        new = torch.stack([k, v]).to(self.kv.dtype)  # [2, S, H, T, Dh]
+        idx = (pos % self.capacity)[None, :, None, :, None].expand(2, s, h, t, dh)
+        self.kv.scatter_(3, idx, torch.where(rows(write, 4)[None], new, self.kv.gather(3, idx)))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, write: Tensor) -> Tensor:
+    def mask(self, pos: Tensor) -> Tensor:
+        """The rule's mask for one streaming call at positions pos [S, T] -> [S, 1, T, C].
+
+        The same for every layer of a network: build it once per call and hand it to `attend`."""
+        end = pos[:, -1:] + 1  # [S, 1]
+        cells = held_positions(end - 1, self.capacity)  # [S, 1, C]
+        return ring_visible(cells, pos[:, :, None], end[:, :, None], self.capacity)[:, None]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, write: Tensor, mask: Tensor) -> Tensor:
         """One streaming call of all rows, as the reference's: store this call's keys, then attend.
 
         q, k, v [S, H, T, Dh] at consecutive positions pos [S, T]; write [S]: rows that advance
-        (the others' output is garbage and their cells keep their values) -> [S, H, T, Dh].
+        (the others' output is garbage and their cells keep their values); mask: `mask(pos)`
+        -> [S, H, T, Dh].
         """
         self._store(k, v, pos, write)
-        end = pos[:, -1:] + 1  # [S, 1]
-        cells = held_positions(end - 1, self.capacity)  # [S, 1, C]
-        mask = ring_visible(cells, pos[:, :, None], end[:, :, None], self.capacity)  # [S, T, C]
         keys, values = self.kv[0].to(q.dtype), self.kv[1].to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     def attend_stepwise(self, slot: int, q: Tensor, k: Tensor, v: Tensor, p0: int) -> Tensor:
         """T positions p0.. of one slot in one forward, exactly as T one-position calls would see them.

@@ -557,12 +557,13 @@ def _assert_same_state(a, b, atol=ATOL):
     torch.testing.assert_close(a.kv, b.kv, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("n,split", [(14, 5), (45, 30)])
-def test_prefill_equals_stepping(n, split):
-    """prefill (one parallel call, or two chained ones, also past `context`) == n steps."""
+@pytest.mark.parametrize("n,split,context", [(14, 5, CFG.context), (45, 30, CFG.context), (45, 7, 6)])
+def test_prefill_equals_stepping(n, split, context):
+    """prefill (one parallel call, or two chained ones, also far past `context`) == n steps."""
+    cfg = dataclasses.replace(CFG, context=context)
     gen = torch.Generator().manual_seed(12)
     frames = _prompt_frames(n, gen)
-    model = make_model(max_slots=3)
+    model = make_model(cfg, max_slots=3)
     model.prefill_frames(0, frames)
     model.prefill_frames(2, frames[:, :split])
     model.prefill_frames(2, frames[:, split:])
@@ -571,7 +572,7 @@ def test_prefill_equals_stepping(n, split):
         frame[1] = frames[:, i]
         model.step(frame, torch.tensor([False, True, False]))
     s0, s1, s2 = (model.export_slot(i) for i in range(3))
-    assert int(s0.offset) == n and s0.num_positions == min(n - 1, CFG.context)
+    assert int(s0.offset) == n and s0.num_positions == min(n - 1, context)
     _assert_same_state(s0, s1)
     _assert_same_state(s2, s1)
     # Continue all three identically: same tokens and logits.
@@ -585,6 +586,46 @@ def test_prefill_equals_stepping(n, split):
         assert torch.equal(out.text[2], out.text[1]) and torch.equal(out.audio[2], out.audio[1])
         torch.testing.assert_close(out.text_logits[0], out.text_logits[1], atol=ATOL, rtol=0)
         torch.testing.assert_close(out.text_logits[2], out.text_logits[1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("voice_as_embeddings", [False, True])
+def test_prefill_then_step_equals_the_reference(voice_as_embeddings):
+    """A prompt prefilled 5x past a context of 6 (as frames, or a voice replayed as embeddings
+    first), then sampled steps: every logit equals the whole-sequence reference under the
+    reference ring's views over the frames actually seen."""
+    cfg = dataclasses.replace(CFG, context=6)
+    gen = torch.Generator().manual_seed(17)
+    n, m = 30, 10
+    prompt = _prompt_frames(n, gen)
+    model = make_model(cfg, max_slots=2)
+    if voice_as_embeddings:  # the first 9 frames as an official .pt voice: 8 input embeddings + the token ring
+        emb = model.embed_columns(model.frames_to_columns(prompt[None, :, :9]))[0, :8]
+        model.prefill_frames(0, frames=prompt[:, :9])
+        voice = model.export_slot(0)
+        model.prefill_frames(1, embeddings=emb)
+        model.set_token_state(1, cache=voice.cache, provided=voice.provided)
+        model.prefill_frames(1, frames=prompt[:, 9:])
+    else:
+        model.prefill_frames(1, frames=prompt)
+    model.set_sampling([1], seed=3, temperature_text=0.8, temperature_audio=0.8)
+    user = torch.randint(0, cfg.card, (8, m), generator=gen)
+    outs = []
+    for i in range(m):
+        frame = torch.full((2, 17), -1, dtype=torch.long)
+        frame[1, 9:] = user[:, i]
+        outs.append(model.step(frame, torch.tensor([False, True]), return_logits=True))
+    frames = torch.zeros(1, 17, n + m - 1, dtype=torch.long)  # prompt, then what the call produced
+    frames[0, :, :n] = prompt
+    frames[0, 9:, n:] = user[:, : m - 1]
+    for j in range(n, n + m - 1):
+        frames[0, 0, j] = outs[j - n + 1].text[1]
+        frames[0, 1:9, j] = outs[j - n + 1].audio[1]
+    cols = model.frames_to_columns(frames)
+    text, audio = lm_forward_sequence(model, cols, stepped(model, n + m - 2), depformer_view(model))
+    for i in range(m - 1):  # step i ran KV position n - 1 + i
+        torch.testing.assert_close(outs[i].text_logits[1], text[0, n - 1 + i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(outs[i].audio_logits[1], audio[0, :, n - 1 + i], atol=ATOL, rtol=0)
+    assert len({int(o.text[1]) for o in outs[1:]}) > 1  # really sampled
 
 
 @pytest.mark.parametrize("as_embeddings", [False, True])

@@ -13,7 +13,7 @@ import soundfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.worker.model import loading
+from app.worker.model import loading, tiny
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig
 from app.worker.model.mimi import MimiConfig
@@ -59,7 +59,7 @@ def test_official_key_layout_round_trips(tiny_checkpoint: Path) -> None:
         mimi_cfg
     )
 
-    lm = loading.load_lm(files.lm, lm_cfg, max_slots=2, depformer_steps=lm_cfg.depformer_total_steps)
+    lm = loading.load_lm(files.lm, lm_cfg, max_slots=2, depformer_steps=lm_cfg.dep_q)
     again = lm_checkpoint.to_official(lm.state_dict(), lm_cfg)
     assert set(again) == set(lm_sd)
     for name, tensor in lm_sd.items():
@@ -155,7 +155,7 @@ def test_official_voice_file_loads_and_bad_one_is_named(tiny_checkpoint: Path, t
     files = loading.resolve_checkpoint(tiny_checkpoint)
     voice = loading.load_voice_embeddings(files.voices_dir / "NATF0.pt", cfg)
     assert voice.embeddings.shape[1] == cfg.dim and voice.embeddings.shape[0] >= 1
-    assert voice.cache.shape == (cfg.num_streams, cfg.token_ring)
+    assert voice.cache.shape == (cfg.num_streams, cfg.cache_len)
 
     bad = tmp_path / "bad.pt"
     torch.save({"embeddings": torch.zeros(3, 1, 1, cfg.dim + 1), "cache": voice.cache[None]}, bad)
@@ -193,6 +193,6 @@ def test_tokenizer_has_the_official_special_ids(tiny_checkpoint: Path, tmp_path:
     assert sp.decode(sp.encode("hello thank you")) == "hello thank you"
 
     other = tmp_path / "small.model"
-    other.write_bytes(loading.train_tiny_tokenizer(cfg.text_card + 32))
+    other.write_bytes(tiny.train_tiny_tokenizer(cfg.text_card + 32))
     with pytest.raises(CheckpointError, match="text card"):
         loading.load_tokenizer(other, cfg)

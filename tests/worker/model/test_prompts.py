@@ -10,8 +10,9 @@ import pytest
 import soundfile
 import torch
 
-from app.worker.model import loading, prompts
-from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model import loading, prompts, tiny
+from app.worker.model.lm import LMConfig, PersonaPlexLM
+from app.worker.model.lm_state import SlotState
 from app.worker.model.mimi import Mimi, MimiConfig
 
 ROLE = "You answer the city waste management line. Be brief."
@@ -73,7 +74,7 @@ def test_parallel_prefill_equals_stepping(models, role_tokens: list[int], voice_
     lm, mimi, files = models
     voice: prompts.Voice | None = None
     if voice_kind == "codes":
-        audio = loading.synthetic_voice(np.random.default_rng(3))
+        audio = tiny.synthetic_voice(np.random.default_rng(3))
         voice = prompts.voice_codes_from_audio(mimi, audio)
     elif voice_kind == "embeddings":
         voice = loading.load_voice_embeddings(files.voices_dir / "NATF0.pt", lm.cfg)
@@ -90,7 +91,7 @@ def test_parallel_prefill_equals_stepping(models, role_tokens: list[int], voice_
 def test_voice_pt_replays_like_the_audio_it_was_made_from(models, role_tokens: list[int]) -> None:
     """An official-style `.pt` voice made from audio gives the prompt state of that audio's codes."""
     lm, mimi, _ = models
-    audio = loading.synthetic_voice(np.random.default_rng(5))
+    audio = tiny.synthetic_voice(np.random.default_rng(5))
     from_codes = prompts.build_prompt_state(lm, 0, role_tokens, prompts.voice_codes_from_audio(mimi, audio))
     from_pt = prompts.build_prompt_state(
         lm, 0, role_tokens, prompts.voice_embeddings_from_audio(lm, mimi, audio, slot=0)
@@ -100,7 +101,7 @@ def test_voice_pt_replays_like_the_audio_it_was_made_from(models, role_tokens: l
 
 def test_wav_voice_file_goes_through_loader(models, role_tokens: list[int], tmp_path: Path) -> None:
     lm, mimi, _ = models
-    audio = loading.synthetic_voice(np.random.default_rng(9), seconds=1.0)
+    audio = tiny.synthetic_voice(np.random.default_rng(9), seconds=1.0)
     path = tmp_path / "custom.wav"
     soundfile.write(path, audio, 16_000)  # 24000 samples at 16 kHz: 1.5 s, resampled to 24 kHz
     voice = loading.load_voice(path, lm.cfg, mimi)

@@ -34,7 +34,7 @@ def test_streaming_calls_see_what_the_reference_ring_shows(capacity, chunk):
     for start in range(0, n, chunk):
         pos = torch.arange(start, start + chunk)[None].expand(2, -1)  # [2, T]
         k, v = _probe(n, pos)
-        out = ring.attend(torch.zeros_like(k), k, v, pos, write)[0, 0]  # [T, n]
+        out = ring.attend(torch.zeros_like(k), k, v, pos, write, ring.mask(pos))[0, 0]  # [T, n]
         assert torch.equal(_seen(out), want[start : start + chunk]), start
     assert bool((ring.kv[:, 1] == 0).all())  # a row that never advanced keeps its cells
 
@@ -58,7 +58,7 @@ def test_a_stepwise_forward_sees_what_one_position_calls_see(capacity, split):
     for p in range(n):
         pos = torch.tensor([[p], [p]])
         k, v = _probe(n, pos)
-        stepped.attend(torch.zeros_like(k), k, v, pos, torch.tensor([False, True]))
+        stepped.attend(torch.zeros_like(k), k, v, pos, torch.tensor([False, True]), stepped.mask(pos))
     assert torch.equal(ring.kv, stepped.kv)  # the same cells afterwards
 
 

@@ -4,9 +4,11 @@ For each slot count S a worker engine with `max_slots = S` runs the real tick (`
 scheduler, packing, sinks and metrics) on random weights: the tiny config by default (CPU, CI), or
 with `full=True` the full-size PersonaPlex config (bf16 weights and KV), meant for a GPU. Calls join
 and leave during the run: every `churn_every` ticks one call ends and a new one takes its slot, its
-persona state imported from the persona cache (the pickup path, `Runtime.join_slot`). The persona
-state itself is computed once by the real prompt prefill, written to a persona cache on disk and
-read back from it, as a worker start does.
+persona state imported from the persona cache (the pickup path, `Runtime.join_slot`). The runtime
+is built by the worker's own builder (`runtime.runtime_from_models`) on the random-weight models
+(`model/tiny.py`), a synthetic persona and a stand-in tokenizer: the persona state is computed once
+by the real prompt prefill, written to a persona cache on disk and read back from it, as a worker
+start does.
 
 One JSON object per slot count (see bench/README.md for every field), then a summary with the
 largest slot count whose p99 tick is within the budget (70 ms: an 80 ms frame leaves 10 ms slack).
@@ -15,6 +17,7 @@ largest slot count whose p99 tick is within the budget (70 ms: an 80 ms frame le
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import inspect
 import logging
@@ -39,16 +42,16 @@ from app.protocol import FRAME_SAMPLES, Error, Ready, Sampling
 from app.worker import persona_cache
 from app.worker.engine import Engine, TickResult, engine_threads
 from app.worker.metrics import WorkerMetrics
-from app.worker.model import loading, prompts
-from app.worker.model.lm import LMConfig, PersonaPlexLM, SlotState
+from app.worker.model import prompts, tiny
+from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
-from app.worker.runtime import Runtime, resolve_device
+from app.worker.runtime import Runtime, resolve_device, runtime_from_models
 from app.worker.scheduler import Lease
 
 logger = logging.getLogger(__name__)
 
 PERSONA_ID = "bench"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Calls that make the host wait for the device when their tensor lives there.
 _SYNC_CALLS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
                          "masked_select", "unique", "cpu"})
@@ -69,7 +72,7 @@ class BenchOptions:
     budget_ms: float = 70.0
     seed: int = 0
     voice_seconds: float = 10.0  # the synthetic persona: voice prompt length ...
-    role_tokens: int = 60  # ... and role prompt tokens (the reference's 3.7 s pickup had these)
+    role_tokens: int = 60  # ... and role prompt tokens, tags included (the reference's 3.7 s pickup had these)
     state_dir: Path | None = None  # persona cache lives here; None: a temporary directory
     cuda_graph: bool = False  # replay the tick as a CUDA graph (GPU only)
     compile: bool = False  # torch.compile the tick (inductor), as WORKER_COMPILE=1 does
@@ -99,10 +102,11 @@ class _Sink:
 
 
 class _BenchTokenizer:
-    """Stands in for sentencepiece (the bench has no tokenizer file): one piece per id."""
+    """Stands in for sentencepiece (the bench has no tokenizer file): piece i is '▁w{i}', one per word."""
 
     def __init__(self, vocab: int) -> None:
         self._pieces = [f"▁w{i}" for i in range(vocab)]
+        self._ids = {piece: i for i, piece in enumerate(self._pieces)}
 
     def vocab_size(self) -> int:
         return len(self._pieces)
@@ -111,7 +115,8 @@ class _BenchTokenizer:
         return self._pieces[id]
 
     def encode(self, text: str) -> list[int]:
-        return [4 + ord(c) % (len(self._pieces) - 4) for c in text]
+        """One id per word: 'w{i}' is i, any other word (the '<system>' tags) is 4."""
+        return [self._ids.get(f"▁{word}", 4) for word in text.split()]
 
 
 def _device_to_host(args: tuple) -> bool:
@@ -174,75 +179,19 @@ def _call_site() -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------------ models
-@dataclass
-class _Weights:
-    """Random weights built once and shared by the models of every slot count."""
-
-    lm_cfg: LMConfig
-    mimi_cfg: MimiConfig
-    dtype: torch.dtype
-    lm: dict[str, torch.Tensor]
-    mimi: dict[str, torch.Tensor]
-
-
 def _configs(options: BenchOptions) -> tuple[LMConfig, MimiConfig]:
-    lm_cfg = LMConfig.personaplex_7b() if options.full else LMConfig.tiny()
-    mimi_cfg = MimiConfig.personaplex() if options.full else MimiConfig.tiny()
+    lm_cfg, mimi_cfg = tiny.configs(full=options.full)
     if options.context is not None:
         lm_cfg = dataclasses.replace(lm_cfg, context=options.context)
     return lm_cfg, mimi_cfg
 
 
-def build_weights(options: BenchOptions, device: torch.device, dtype: torch.dtype) -> tuple[_Weights, PersonaPlexLM, Mimi]:
-    """Random weights on `device`, plus one-slot models holding them (for the persona prefill).
-
-    The LM is built on the meta device, materialised with `to_empty` on `device` and filled by its
-    own random init (normal, std 0.02; norms 1): no checkpoint file and no host copy of 16 GB.
-    Mimi (79 M parameters) is built directly on `device` with its own init, in float32 as in the worker.
-    """
-    lm_cfg, mimi_cfg = _configs(options)
-    torch.manual_seed(options.seed)
-    with torch.device("meta"):
-        lm = PersonaPlexLM(lm_cfg, max_slots=1, dtype=dtype)
-    lm.to_empty(device=device)
-    lm.init_weights()
-    lm.init_state()
-    lm.eval()
-    mimi = Mimi(mimi_cfg, max_slots=1, device=device, dtype=torch.float32)
-    mimi.init_state()
-    mimi.eval()
-    weights = _Weights(lm_cfg, mimi_cfg, dtype, dict(lm.state_dict()), dict(mimi.state_dict()))
-    return weights, lm, mimi
-
-
-def models_for(weights: _Weights, slots: int, device: torch.device) -> tuple[PersonaPlexLM, Mimi]:
-    """LM and Mimi for `slots` calls sharing `weights` (no copy); only the per-slot state is new."""
-    with torch.device("meta"):
-        lm = PersonaPlexLM(weights.lm_cfg, max_slots=slots, dtype=weights.dtype)
-        mimi = Mimi(weights.mimi_cfg, max_slots=slots, dtype=torch.float32)
-    for model, state in ((lm, weights.lm), (mimi, weights.mimi)):
-        model.load_state_dict(state, strict=True, assign=True)
-        _materialise_buffers(model, device)
-        model.init_state()
-        model.eval()
-    return lm, mimi
-
-
-def _materialise_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Allocate the buffers still on meta (per-slot state) on `device`; `init_state` fills them."""
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_meta:
-                setattr(module, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))
-
-
 # ------------------------------------------------------------------------------------ persona
 @dataclass(frozen=True)
 class _Persona:
-    book: PersonaBook
-    tokens: list[int]
-    voice: prompts.Voice
-    state: SlotState
+    """The bench's synthetic persona: the runtime builder that serves it, and what its prompt state cost."""
+
+    runtime: Callable[[PersonaPlexLM, Mimi], Runtime]  # the worker's runtime on these models (cache hit)
     prefill_ms: float  # the prompt prefill, computed once (cache miss), and written to the cache
     load_ms: float  # reading it back from the persona cache onto the device (cache hit)
     frames: int
@@ -252,47 +201,39 @@ class _Persona:
 def make_persona(
     options: BenchOptions, lm: PersonaPlexLM, mimi: Mimi, cache_dir: Path, device: torch.device
 ) -> _Persona:
-    """A synthetic persona (voice prompt from synthetic speech, random role tokens) through the cache."""
+    """A synthetic persona (voice prompt from synthetic speech, random role words) through the cache.
+
+    Its runtime is built as the worker builds one (`runtime_from_models`), here twice on the one-slot
+    models: first the prefill (a miss, written to the cache), then the read back (a hit).
+    """
     rng = np.random.default_rng(options.seed)
-    voice = prompts.voice_embeddings_from_audio(lm, mimi, loading.synthetic_voice(rng, options.voice_seconds))
-    tokens = [int(t) for t in rng.integers(4, lm.cfg.text_card, options.role_tokens)]
-    cache = persona_cache.PersonaCache(cache_dir, lm.cfg, lm.kv_dtype)
-    key = persona_cache.state_key(
-        checkpoint=f"bench-random:{'full' if options.full else 'tiny'}:seed={options.seed}",
-        cfg=lm.cfg, dtype=lm.dtype, kv_dtype=lm.kv_dtype, device=device, role_tokens=tokens, voice=voice,
-    )
-    started = time.perf_counter()
-    _, was_cached = cache.get_or_compute(
-        PERSONA_ID, key, device, lambda: prompts.build_prompt_state(lm, 0, tokens, voice)
-    )
-    _sync(device)
-    prefill_ms = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    state = cache.load(PERSONA_ID, key, device)
-    _sync(device)
-    load_ms = (time.perf_counter() - started) * 1000
-    if state is None:
-        raise RuntimeError(f"the persona cache in {cache_dir} lost the state it just wrote")
-    persona = Persona(id=PERSONA_ID, name="Bench persona", prompt="random role tokens", voice="NATF2")
+    voice = prompts.voice_embeddings_from_audio(lm, mimi, tiny.synthetic_voice(rng, options.voice_seconds))
+    tokenizer = _BenchTokenizer(lm.cfg.text_card)
+    words = options.role_tokens - len(tokenizer.encode(prompts.wrap_system("")))  # the tags are tokens too
+    prompt = " ".join(f"w{t}" for t in rng.integers(4, lm.cfg.text_card, max(words, 1)))
+    persona = Persona(id=PERSONA_ID, name="Bench persona", prompt=prompt, voice="NATF2")
     book = PersonaBook(personas={PERSONA_ID: persona}, sources={PERSONA_ID: cache_dir}, default_id=PERSONA_ID)
-    return _Persona(book, tokens, voice, state, prefill_ms, load_ms, int(state.offset), was_cached)
-
-
-def _runtime(lm: PersonaPlexLM, mimi: Mimi, persona: _Persona, device: torch.device) -> Runtime:
-    return Runtime(
+    runtime = functools.partial(
+        runtime_from_models,
+        tokenizer=tokenizer,
+        book=book,
+        voice_for=lambda _: voice,
+        cache=persona_cache.PersonaCache(cache_dir, lm.cfg, lm.kv_dtype),
+        checkpoint=f"bench-random:{'full' if options.full else 'tiny'}:seed={options.seed}",
         kind="bench",
         source="random weights",
         device=device,
-        dtype=lm.dtype,
-        lm=lm,
-        mimi=mimi,
-        tokenizer=_BenchTokenizer(lm.cfg.text_card),
-        personas=persona.book,
-        role_tokens={PERSONA_ID: persona.tokens},
-        voices={PERSONA_ID: persona.voice},
-        prompt_states={PERSONA_ID: persona.state},
-        prompt_ms={PERSONA_ID: persona.load_ms},
-        prompt_cached={PERSONA_ID: True},
+    )
+    prefilled = runtime(lm, mimi)
+    loaded = runtime(lm, mimi)
+    if not loaded.prompt_cached[PERSONA_ID]:
+        raise RuntimeError(f"the persona cache in {cache_dir} lost the state it just wrote")
+    return _Persona(
+        runtime=runtime,
+        prefill_ms=prefilled.prompt_ms[PERSONA_ID],
+        load_ms=loaded.prompt_ms[PERSONA_ID],
+        frames=int(loaded.prompt_states[PERSONA_ID].offset),
+        prefill_was_cached=prefilled.prompt_cached[PERSONA_ID],
     )
 
 
@@ -300,7 +241,7 @@ def _runtime(lm: PersonaPlexLM, mimi: Mimi, persona: _Persona, device: torch.dev
 def caller_frames(n: int, seed: int) -> list[bytes]:
     """n frames of speech-like caller audio (PCM16, 24 kHz)."""
     rng = np.random.default_rng(seed)
-    audio = np.concatenate([loading.synthetic_voice(rng, 1.0) for _ in range(-(-n * FRAME_SAMPLES // 24000))])
+    audio = np.concatenate([tiny.synthetic_voice(rng, 1.0) for _ in range(-(-n * FRAME_SAMPLES // 24000))])
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     return [pcm[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].tobytes() for i in range(n)]
 
@@ -386,13 +327,14 @@ def _audit_step(engine: Engine, device: torch.device) -> dict[str, Any]:
 
 
 def run_slots(
-    slots: int, weights: _Weights, persona: _Persona, options: BenchOptions, device: torch.device, per_call_us: float
+    slots: int, weights: tiny.RandomWeights, persona: _Persona, options: BenchOptions, device: torch.device,
+    per_call_us: float,
 ) -> dict[str, Any]:
     """Run one slot count and return its JSON object."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    lm, mimi = models_for(weights, slots, device)
-    engine = Engine(_runtime(lm, mimi, persona, device), worker_id="bench", max_queue_frames=2,
+    lm, mimi = tiny.models_for(weights, slots, device)
+    engine = Engine(persona.runtime(lm, mimi), worker_id="bench", max_queue_frames=2,
                     metrics=WorkerMetrics(slots), cuda_graph=options.cuda_graph,
                     compile="inductor" if options.compile else None)
     sink = _Sink()
@@ -522,7 +464,8 @@ def _run_all(
     with tempfile.TemporaryDirectory(prefix="bench-persona-") as tmp, torch.inference_mode():
         cache_dir = (options.state_dir or Path(tmp)) / persona_cache.CACHE_DIRNAME
         started = time.perf_counter()
-        weights, lm1, mimi1 = build_weights(options, device, dtype)
+        lm_cfg, mimi_cfg = _configs(options)
+        weights, lm1, mimi1 = tiny.build_weights(lm_cfg, mimi_cfg, device=device, dtype=dtype, seed=options.seed)
         _sync(device)
         build_s = time.perf_counter() - started
         persona = make_persona(options, lm1, mimi1, cache_dir, device)
