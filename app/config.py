@@ -58,6 +58,20 @@ class WorkerSettings(RedisSettings):
     worker_max_queue_frames: int = Field(
         default=3, ge=1, description="caller frames a slot may hold before the oldest is dropped"
     )
+    worker_context: int | None = Field(
+        default=None, ge=16, description="attention context in frames (default: the model's, 3000 = 240 s); "
+        "lower it to exercise long calls (never above the model's, except the tiny random model)",
+    )
+    worker_rebuild_keep_s: float = Field(
+        default=120.0, gt=0, description="conversation kept after the persona prompt when a long call's "
+        "context is rebuilt (capped so the rebuilt context is at most half full)",
+    )
+    worker_rebuild_margin_frames: int = Field(
+        default=50, ge=2, description="a rebuild starts this many frames before the window would lose the prompt",
+    )
+    worker_rebuild_chunk_frames: int = Field(
+        default=64, ge=1, description="frames a rebuild prefills between two ticks (its per-tick budget)",
+    )
     personas_dir: Path = Path("personas")
 
     @field_validator("worker_model")

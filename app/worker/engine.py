@@ -7,6 +7,11 @@ Joins (copying a persona's cached prompt state into a slot), leaves and aborts h
 in this thread. Ticks follow a monotonic grid: an overrun is logged and counted, the next tick runs
 at once, and missed grid points are skipped rather than caught up in a burst.
 
+Each bot frame carries the tokens of the call frame its step completed (`protocol.pack_bot_frame`);
+the engine keeps them too (`context.CallHistory`), rebuilds a long call's context before its
+persona prompt would leave the attention window, and rebuilds a call moving in from another worker
+from the frames it brings (`context.py`).
+
 Outputs go to each call's `sink`, called from the engine thread; the server's sink hands them to
 its event loop with `call_soon_threadsafe`. No model work ever runs on an event loop.
 """
@@ -24,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Ended, Error, Ready, Sampling, Text
+from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Ended, Error, Ready, Resume, Sampling, Text, pack_bot_frame
+from app.worker.context import AGENT, CALLER, CallHistory, ContextPolicy, RebuildJob, RebuildReport
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
 from app.worker.scheduler import Join, Lease, Release, Scheduler
@@ -37,6 +43,7 @@ Sink = Callable[[Output], None]
 
 _OVERRUN_LOG_EVERY_S = 5.0
 _TICK_HISTORY = 512
+_DECODER_WARM_FRAMES = 12  # agent frames a resumed call replays into its slot's Mimi decoder (~1 s)
 
 
 def next_grid_point(deadline: float, now: float, period: float) -> tuple[float, float | None]:
@@ -61,7 +68,13 @@ class _Call:
     persona_id: str
     sampling: Sampling
     sink: Sink
+    history: CallHistory
+    resume: Resume | None = None
     frames_out: int = 0
+    next_frame: int = 0  # call frame index of the next caller frame this slot steps
+    offset: int = 0  # the slot's LM offset (host mirror): the next step writes KV position offset - 1
+    caller_codes: np.ndarray | None = None  # [8] caller codes of the frame in progress
+    rebuilds: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,8 +128,20 @@ class Engine:
         tick_s: float = FRAME_SECONDS,
         cuda_graph: bool = False,
         compile: str | None = None,
+        policy: ContextPolicy | None = None,
+        on_rebuild: Callable[[RebuildReport], None] | None = None,
     ) -> None:
+        """policy: when to rebuild long calls (default: the model's context, a 50-frame margin,
+        120 s kept, 64 frames per tick). on_rebuild: told of each rebuild right after its swap,
+        between ticks, on the engine thread (tests and the bench)."""
         self.runtime = runtime
+        self.policy = policy or ContextPolicy(context=runtime.lm.cfg.context, margin=50, keep=1500, chunk=64)
+        if self.policy.context != runtime.lm.cfg.context:
+            raise ValueError(f"policy for context {self.policy.context}, the model's is {runtime.lm.cfg.context}")
+        self._scratch = None  # a one-slot LM over the same weights, made at the first rebuild
+        self._job: tuple[Lease, RebuildJob] | None = None
+        self._no_room_logged: set[str] = set()
+        self._on_rebuild = on_rebuild
         self.model_tick = ModelTick(runtime.lm, runtime.mimi, cuda_graph=cuda_graph, compile=compile)
         self.worker_id = worker_id
         self.tick_s = tick_s
@@ -134,16 +159,25 @@ class Engine:
         self._overrun_logged_at = 0.0
 
     # ------------------------------------------------------------------------ calls (any thread)
-    def open(self, call_id: str, persona_id: str, sampling: Sampling | None, sink: Sink) -> Lease | None:
+    def open(
+        self, call_id: str, persona_id: str, sampling: Sampling | None, sink: Sink, resume: Resume | None = None
+    ) -> Lease | None:
         """Reserve a slot for a call; its `Ready` (or an `Error`) arrives on `sink`. None: no free slot.
 
-        Raises UnknownPersona for a persona this worker does not serve.
+        resume: a call moving in with its frames (rebuilt at the join). Raises UnknownPersona for a
+        persona this worker does not serve, ProtocolError for a malformed resume.
         """
         if not self.runtime.has_persona(persona_id):
             raise UnknownPersona(persona_id)
+        if resume is not None:
+            resume.tokens()  # a malformed payload is refused here, not in the engine thread
+            resume.warm_pcm()
         if self._stop.is_set():
             return None
-        call = _Call(call_id=call_id, persona_id=persona_id, sampling=sampling or Sampling(), sink=sink)
+        call = _Call(
+            call_id=call_id, persona_id=persona_id, sampling=sampling or Sampling(), sink=sink,
+            history=CallHistory(self.policy.context), resume=resume,
+        )
         return self.scheduler.reserve(call_id, call)
 
     def push(self, lease: Lease, frame: bytes) -> bool:
@@ -240,6 +274,7 @@ class Engine:
             self._join(join)
         if changes.releases or changes.joins:
             self._update_gauges()
+        self._keep_context()
 
     def _join(self, join: Join) -> None:
         lease, call = join.lease, join.payload
@@ -247,7 +282,7 @@ class Engine:
             raise TypeError(f"join payload must be a _Call, got {type(call).__name__}")
         started = time.perf_counter()
         try:
-            self.runtime.join_slot(lease.slot, call.persona_id, call.sampling)
+            seed = self._load(lease.slot, call)
             if self.runtime.device.type == "cuda":
                 torch.cuda.synchronize(self.runtime.device)
         except Exception as exc:
@@ -267,8 +302,36 @@ class Engine:
             "call %s joined slot %d (persona %s) in %.1f ms", call.call_id, lease.slot, call.persona_id, prefill_ms
         )
         self._emit(
-            lease, call, Ready(call_id=call.call_id, worker_id=self.worker_id, slot=lease.slot, prefill_ms=prefill_ms)
+            lease, call, Ready(
+                call_id=call.call_id, worker_id=self.worker_id, slot=lease.slot, prefill_ms=prefill_ms,
+                seed=seed, next_frame=call.next_frame,
+            ),
         )
+
+    def _load(self, slot: int, call: _Call) -> int:
+        """The call's persona into `slot`, then, for a call moving in, its frames: all of them when
+        they fit the window (the very state it left), else the last ones a rebuild keeps. Returns
+        the seed the call samples with."""
+        rt = self.runtime
+        seed = rt.join_slot(slot, call.persona_id, call.sampling)
+        prompt = rt.prompt_frames(call.persona_id)
+        call.offset = prompt
+        resume = call.resume
+        if resume is None:
+            return seed
+        frames = resume.tokens()  # [n, 17]: frames next_frame - n .. next_frame - 1
+        call.history.load(frames[-self.policy.context :], resume.next_frame)
+        call.next_frame = resume.next_frame
+        kept = frames
+        if self.policy.due(prompt + len(frames)):
+            kept = frames[len(frames) - self.policy.keep_for(prompt) :] if self.policy.keep_for(prompt) else frames[:0]
+        if len(kept):
+            rt.prefill_slot(slot, kept)
+        call.offset = prompt + len(kept)
+        rt.warm_codec(slot, frames[-_DECODER_WARM_FRAMES - 1 : -1, AGENT], resume.warm_pcm())
+        call.caller_codes = frames[-1, CALLER].copy() if len(frames) else None  # of frame next_frame - 1
+        call.resume = None
+        return seed
 
     def _release(self, release: Release) -> None:
         lease, call = release.lease, release.payload
@@ -344,9 +407,10 @@ class Engine:
 
         texts: list[int] = []
         frames_out: list[bytes] = []
+        pcm16, text, agent, caller = self.model_tick.split(host)
         for i, (lease, _) in enumerate(plan):
-            pcm_bytes = host[i, :FRAME_SAMPLES].astype("<i2").tobytes()
-            token = int(host[i, FRAME_SAMPLES])
+            pcm_bytes = pcm16[i].astype("<i2").tobytes()
+            token = int(text[i])
             texts.append(token)
             frames_out.append(pcm_bytes)
             held = self._calls.get(lease.slot)
@@ -355,7 +419,7 @@ class Engine:
             call = held[1]
             index = call.frames_out
             call.frames_out += 1
-            self._emit(lease, call, pcm_bytes)
+            self._emit(lease, call, pack_bot_frame(pcm_bytes, self._completed(call, token, agent[i], caller[i])))
             piece = rt.text_piece(token) if token >= 0 else None
             if piece:
                 self._emit(lease, call, Text(text=piece, frame=index))
@@ -370,6 +434,102 @@ class Engine:
             duration_s=time.perf_counter() - started,
             model_s=model_done - model_started,
             wait_s=self.model_tick.last_wait_s,
+        )
+
+    def _completed(self, call: _Call, text: int, agent: np.ndarray, caller: np.ndarray) -> np.ndarray | None:
+        """After a step of `call`: the call frame it completed (the output frame, with the caller
+        codes of the step before), kept in the call's history; None at the call's first step (its
+        output frame is the prompt's last)."""
+        tokens = None
+        if call.caller_codes is not None and text >= 0:
+            tokens = np.concatenate([[text], agent, call.caller_codes]).astype(np.int16)
+            if call.history.completed == call.next_frame - 1:  # else a call moved in re-completed its last
+                call.history.add(tokens)
+        call.caller_codes = np.asarray(caller, dtype=np.int16).copy()
+        call.next_frame += 1
+        call.offset += 1
+        return tokens
+
+    # --------------------------------------------------------------------------- long calls
+    def _keep_context(self) -> None:
+        """Between ticks: advance the rebuild in progress by one chunk, start the next one that is
+        due, and finish at once any whose call would otherwise step past the window's limit."""
+        if self._job is not None:
+            self._advance_rebuild(force=False)
+        for lease, call in list(self._calls.values()):
+            if not self.policy.due(call.offset) or (self._job is not None and self._job[0] == lease):
+                continue
+            if self._job is not None:
+                if call.offset <= self.policy.limit:
+                    continue  # one rebuild at a time: this one waits its turn
+                self._advance_rebuild(force=True)  # make way at once
+            self._start_rebuild(lease, call)
+
+    def _start_rebuild(self, lease: Lease, call: _Call) -> None:
+        prompt = self.runtime.prompt_frames(call.persona_id)
+        keep = self.policy.keep_for(prompt)
+        if keep == 0:
+            if call.persona_id not in self._no_room_logged:
+                self._no_room_logged.add(call.persona_id)
+                logger.warning(
+                    "persona %s: its prompt (%d frames) leaves no room in the %d-frame context with a %d-frame "
+                    "margin: its long calls cannot keep the prompt in the window",
+                    call.persona_id, prompt, self.policy.context, self.policy.margin,
+                )
+            return
+        if self._scratch is None:
+            self._scratch = self.runtime.lm.sharing_weights(1)
+        self._job = (lease, RebuildJob(self._scratch, self.runtime.prompt_states[call.persona_id], call.history, keep))
+        self._advance_rebuild(force=False)
+
+    def _advance_rebuild(self, force: bool) -> None:
+        """One chunk of the rebuild in progress; swap it in once caught up, or now if forced or the
+        call would step past the limit."""
+        if self._job is None:
+            return
+        lease, job = self._job
+        held = self._calls.get(lease.slot)
+        if held is None or held[0] != lease:
+            self._job = None  # the call left
+            return
+        call = held[1]
+        forced = force or call.offset > self.policy.limit
+        job.advance(call.history, call.history.completed if forced else self.policy.chunk)
+        if forced or job.caught_up(call.history):
+            self._finish_rebuild(lease, call, job, forced)
+
+    def _finish_rebuild(self, lease: Lease, call: _Call, job: RebuildJob, forced: bool) -> None:
+        """Add the frame in progress to the caught-up rebuild and swap the state into the call's slot."""
+        in_progress = None
+        if call.next_frame == call.history.completed + 1 and call.caller_codes is not None:
+            lm = self.runtime.lm
+            column = (call.offset - 1) % lm.cfg.cache_len  # the target column of the call's last step
+            text, first_agent = (int(t) for t in lm.tokens.cache[lease.slot, :2, column].tolist())
+            in_progress = np.full(17, -1, dtype=np.int16)
+            in_progress[0], in_progress[1] = text, first_agent
+            in_progress[CALLER] = call.caller_codes
+        state = job.finish(in_progress)
+        self.runtime.lm.import_slot(lease.slot, state)
+        call.offset = int(state.offset)
+        call.rebuilds += 1
+        self._job = None
+        total = time.perf_counter() - job.started
+        if self.metrics is not None:
+            self.metrics.rebuilds.labels(outcome="forced" if forced else "spread").inc()
+            self.metrics.rebuild_seconds.observe(sum(job.chunk_seconds))
+            for seconds in job.chunk_seconds:
+                self.metrics.rebuild_chunk_seconds.observe(seconds)
+        if self._on_rebuild is not None:
+            self._on_rebuild(RebuildReport(
+                call_id=call.call_id, slot=lease.slot, first_frame=job.first_kept, stop_frame=job.next_frame,
+                in_progress=in_progress, forced=forced, chunk_frames=tuple(job.chunk_frames),
+                chunk_seconds=tuple(job.chunk_seconds), offset=call.offset,
+            ))
+        log = logger.warning if forced else logger.info
+        log(
+            "call %s: context rebuilt%s: persona + frames %d..%d (%d chunks, %.1f ms of prefill over %.0f ms)",
+            call.call_id, " at once (the window's limit came first)" if forced else "", job.first_kept,
+            call.history.completed - 1, len(job.chunk_seconds), sum(job.chunk_seconds) * 1000, total * 1000,
         )
 
     # ------------------------------------------------------------------------------ helpers

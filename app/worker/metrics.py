@@ -40,6 +40,18 @@ class WorkerMetrics:
             "worker_prefill_seconds", "Time to load a persona's state into a slot", buckets=PREFILL_BUCKETS, registry=r
         )
         self.sessions = Counter("worker_sessions", "Sessions by outcome", ["outcome"], registry=r)
+        self.rebuilds = Counter(
+            "worker_context_rebuilds", "Long calls' contexts rebuilt (persona + last frames): spread over ticks, "
+            "or forced at once because the window's limit came first", ["outcome"], registry=r,
+        )
+        self.rebuild_seconds = Histogram(
+            "worker_context_rebuild_seconds", "Prefill time of one context rebuild, all its chunks",
+            buckets=PREFILL_BUCKETS, registry=r,
+        )
+        self.rebuild_chunk_seconds = Histogram(
+            "worker_context_rebuild_chunk_seconds", "Prefill time of one rebuild chunk (between two ticks)",
+            buckets=PREFILL_BUCKETS, registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format of this registry."""

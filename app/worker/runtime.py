@@ -22,10 +22,12 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -83,6 +85,7 @@ class Runtime:
     prompt_states: dict[str, SlotState]  # persona id -> state after its whole prompt (on `device`)
     prompt_ms: dict[str, float]  # persona id -> time its prompt state took at start (prefill or load)
     prompt_cached: dict[str, bool] = field(default_factory=dict)  # persona id -> loaded from the disk cache
+    _prompt_frames: dict[str, int] = field(default_factory=dict, repr=False)  # persona id -> prompt offset
 
     @property
     def max_slots(self) -> int:
@@ -92,17 +95,19 @@ class Runtime:
         return persona_id in self.prompt_states
 
     @torch.inference_mode()
-    def join_slot(self, slot: int, persona_id: str, sampling: Sampling | None = None) -> None:
+    def join_slot(self, slot: int, persona_id: str, sampling: Sampling | None = None) -> int:
         """Load a persona's cached prompt state into `slot`, ready for the call's first frame.
 
         Resets the LM row and the slot's Mimi encoder and decoder, imports the state, sets the
         persona's sampling with the call's overrides (a seed override makes the call reproducible).
+        Returns the seed the slot samples with (a fresh random one unless the call gave one).
         """
         state = self._state(persona_id)
         self.lm.reset(slot)
         self.lm.import_slot(slot, state)
         self._set_sampling(slot, persona_id, sampling)
         self.mimi.reset(torch.tensor([slot], dtype=torch.long))
+        return int(self.lm.sampling.seed[slot])
 
     @torch.inference_mode()
     def prefill_in_place(self, slot: int, persona_id: str, sampling: Sampling | None = None) -> None:
@@ -111,6 +116,36 @@ class Runtime:
         prompts.build_prompt_state(self.lm, slot, self.role_tokens[persona_id], self.voices[persona_id])
         self._set_sampling(slot, persona_id, sampling)
         self.mimi.reset(torch.tensor([slot], dtype=torch.long))
+
+    def prompt_frames(self, persona_id: str) -> int:
+        """The offset of a slot right after the persona's prompt (its frames, the voice's included);
+        read once per persona, so the engine's checks between ticks never read the device."""
+        frames = self._prompt_frames.get(persona_id)
+        if frames is None:
+            frames = self._prompt_frames[persona_id] = int(self._state(persona_id).offset)
+        return frames
+
+    @torch.inference_mode()
+    def prefill_slot(self, slot: int, frames: np.ndarray) -> None:
+        """Run a call's given frames (int16 [n, 17]) in `slot` after what it holds, in one prefill."""
+        tokens = torch.as_tensor(np.asarray(frames, dtype=np.int64)).T.contiguous()  # [17, n]
+        self.lm.prefill_frames(slot, tokens.to(self.device))
+
+    @torch.inference_mode()
+    def warm_codec(self, slot: int, agent_codes: np.ndarray, caller_pcm: np.ndarray) -> None:
+        """Bring the slot's Mimi up to a call moving in: decode its last agent codes ([w, 8]) and
+        encode the caller's last audio (PCM16 [m, 1920]), outputs discarded. Other rows rest."""
+        mimi = self.mimi
+        active = torch.zeros(mimi.max_slots, dtype=torch.bool, device=self.device)
+        active[slot] = True
+        codes = torch.zeros(mimi.max_slots, mimi.cfg.num_codebooks, dtype=torch.long, device=self.device)
+        for row in np.asarray(agent_codes, dtype=np.int64).reshape(-1, mimi.cfg.num_codebooks):
+            codes[slot] = torch.as_tensor(row, device=self.device)
+            mimi.decode_step(codes, active)
+        pcm = torch.zeros(mimi.max_slots, mimi.cfg.frame_size, dtype=torch.float32, device=self.device)
+        for frame in np.asarray(caller_pcm).reshape(-1, mimi.cfg.frame_size):
+            pcm[slot] = torch.as_tensor(frame.astype(np.float32) / 32768.0, device=self.device)
+            mimi.encode_step(pcm, active)
 
     def text_piece(self, token: int) -> str | None:
         """The text of one model text token ('▁' -> ' '), None for the padding tokens."""
@@ -230,6 +265,12 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     book.check_voices(files.voices_dir)
     device, dtype = resolve_device(settings.worker_device, settings.worker_dtype)
     lm_cfg, mimi_cfg = detect_configs(files)
+    if settings.worker_context is not None:
+        if lm_cfg != LMConfig.tiny() and settings.worker_context > lm_cfg.context:  # tiny: random weights
+            raise CheckpointError(
+                f"WORKER_CONTEXT={settings.worker_context} exceeds the {lm_cfg.context} frames the model was trained with"
+            )
+        lm_cfg = dataclasses.replace(lm_cfg, context=settings.worker_context)
     slots = settings.worker_max_slots
     started = time.perf_counter()
     lm = loading.load_lm(files.lm, lm_cfg, max_slots=slots, device=device, dtype=dtype)

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from app.callstate import CallStore, connect_redis
 from app.config import WorkerSettings
 from app.protocol import (
+    FRAME_SECONDS,
     SESSION_PATH,
     End,
     Ended,
@@ -38,6 +39,7 @@ from app.protocol import (
     decode_client,
     encode,
 )
+from app.worker.context import ContextPolicy
 from app.worker.engine import Engine, Output
 from app.worker.metrics import CONTENT_TYPE, WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona, build_runtime
@@ -66,6 +68,16 @@ _CLOSE_FOR_ERROR = {
 }
 
 
+def context_policy(settings: WorkerSettings, runtime: Runtime) -> ContextPolicy:
+    """When the engine rebuilds a long call's context, from the settings (sizes in frames)."""
+    return ContextPolicy(
+        context=runtime.lm.cfg.context,
+        margin=settings.worker_rebuild_margin_frames,
+        keep=max(1, round(settings.worker_rebuild_keep_s / FRAME_SECONDS)),
+        chunk=settings.worker_rebuild_chunk_frames,
+    )
+
+
 def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
     """The worker's FastAPI app around a loaded `Runtime`; the engine thread lives with the app."""
     worker_id = settings.resolved_worker_id
@@ -77,6 +89,7 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
         metrics=metrics,
         cuda_graph=settings.worker_cuda_graph and runtime.device.type == "cuda",
         compile="inductor" if settings.worker_compile else None,
+        policy=context_policy(settings, runtime),
     )
 
     @asynccontextmanager
@@ -300,7 +313,11 @@ class _Session:
 
     async def _open(self, start: Start) -> bool:
         try:
-            lease = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink)
+            lease = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink, start.resume)
+        except ProtocolError as exc:
+            logger.warning("call %s: bad resume: %s", start.call_id, exc)
+            await self._fail(Error(code="bad_request", message=str(exc)))
+            return False
         except UnknownPersona:
             logger.warning("call %s: unknown persona %r", start.call_id, start.persona)
             self.metrics.sessions.labels(outcome="unknown_persona").inc()

@@ -2,7 +2,7 @@
 
 Every tensor the tick reads or writes has a fixed shape and lives in a buffer allocated once for
 `max_slots` rows: caller PCM in, the `active` mask in, and one packed int16 block out (bot PCM,
-text token and agent codes of every row). Joins and leaves only change the models' per-slot state
+the output frame's text token and agent codes, and the caller codes of this frame, every row). Joins and leaves only change the models' per-slot state
 in place between ticks, so the same work can be replayed as a CUDA graph.
 
 With `compile="inductor"` the tick's work is compiled once with `torch.compile` (one graph, no
@@ -73,14 +73,14 @@ class ModelTick:
         s, dev = lm.max_slots, lm.device
         self.slots = s
         self.device = dev
-        self.width = FRAME_SAMPLES + 1 + lm.cfg.agent_codebooks  # PCM, text token, agent codes
+        self.width = FRAME_SAMPLES + 1 + 2 * lm.cfg.agent_codebooks  # PCM, text token, agent codes, caller codes
         pinned = dev.type == "cuda"
         self._pcm_host = torch.zeros(s, FRAME_SAMPLES, dtype=torch.float32, pin_memory=pinned)  # [S, 1920]
         self._active_host = torch.zeros(s, dtype=torch.bool, pin_memory=pinned)  # [S]
-        self._out_host = torch.zeros(s, self.width, dtype=torch.int16, pin_memory=pinned)  # [S, 1929]
+        self._out_host = torch.zeros(s, self.width, dtype=torch.int16, pin_memory=pinned)  # [S, 1937]
         self._pcm = torch.zeros(s, FRAME_SAMPLES, dtype=torch.float32, device=dev)  # [S, 1920]
         self._active = torch.zeros(s, dtype=torch.bool, device=dev)  # [S]
-        self._out = torch.zeros(s, self.width, dtype=torch.int16, device=dev)  # [S, 1929]
+        self._out = torch.zeros(s, self.width, dtype=torch.int16, device=dev)  # [S, 1937]
         self.replay: Replay | None = None  # what the recorder returned; run() calls it instead of the work
         self.last_wait_s = 0.0  # time the last run() was blocked on the copy out (the device's work)
         self.compiled = compile
@@ -132,12 +132,14 @@ class ModelTick:
         bot = self.mimi.decode_step(out.audio, self._active & out.valid)  # [S, 1920], zeros where not valid
         bot16 = (bot.float().clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)  # [S, 1920]
         # Token ids < 32768 fit int16: one block, one transfer.
-        self._out.copy_(torch.cat([bot16, out.text[:, None].to(torch.int16), out.audio.to(torch.int16)], dim=1))
+        self._out.copy_(
+            torch.cat([bot16, out.text[:, None].to(torch.int16), out.audio.to(torch.int16), codes.to(torch.int16)], dim=1)
+        )
 
     def run(self, rows: list[int], pcm: np.ndarray) -> np.ndarray:
         """One tick for the caller frames `pcm` [n, 1920] int16 of slots `rows`; other rows rest.
 
-        Returns the packed output of those rows, [n, 1920 + 1 + 8] int16, in the same order.
+        Returns the packed output of those rows, [n, 1920 + 1 + 8 + 8] int16, in the same order.
         """
         self._pcm_host.zero_()
         self._active_host.zero_()
@@ -176,9 +178,12 @@ class ModelTick:
             self.work, self.compiled = self._compute, None
             self.work()
 
-    def split(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Packed rows -> (PCM16 [n, 1920], text token [n], agent codes [n, 8])."""
-        return packed[:, :FRAME_SAMPLES], packed[:, FRAME_SAMPLES], packed[:, FRAME_SAMPLES + 1 :]
+    def split(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Packed rows -> (PCM16 [n, 1920], output text token [n], output agent codes [n, 8],
+        this frame's caller codes [n, 8]); tokens are -1 where the output frame is not valid."""
+        a = FRAME_SAMPLES + 1
+        k = self.lm.cfg.agent_codebooks
+        return packed[:, :FRAME_SAMPLES], packed[:, FRAME_SAMPLES], packed[:, a : a + k], packed[:, a + k :]
 
 
 def cuda_graph_recorder(device: torch.device) -> Recorder:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from app.protocol import FRAME_BYTES, Ended, Error, Ready, Sampling, Text
+from app.protocol import Ended, Error, Ready, Sampling, Text, unpack_bot_frame
 from app.worker.engine import Engine, TickResult, next_grid_point
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
@@ -80,9 +80,12 @@ def test_a_call_gets_ready_then_one_bot_frame_per_caller_frame(runtime: Runtime)
         result = engine.step()
         assert result.slots == [lease.slot]
         assert len(out.of(bytes)) == i + 1
-    bot = out.of(bytes)
-    assert all(len(b) == FRAME_BYTES for b in bot)
-    assert any(np.frombuffer(b, "<i2").any() for b in bot)  # the tiny model makes (noise) audio
+    bot = [unpack_bot_frame(b) for b in out.of(bytes)]
+    assert any(np.frombuffer(pcm, "<i2").any() for pcm, _ in bot)  # the tiny model makes (noise) audio
+    # Each step after the first completes the call frame before it: its 17 tokens come with the audio.
+    assert bot[0][1] is None and all(tokens is not None for _, tokens in bot[1:])
+    history = engine._calls[lease.slot][1].history
+    assert history.completed == 5 and np.array_equal(history.span(0, 5), np.stack([t for _, t in bot[1:]]))
     assert engine.step().slots == []  # no caller frame queued: the slot does not run, no output
     assert len(out.of(bytes)) == 6
     for text in out.of(Text):

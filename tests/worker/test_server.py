@@ -22,7 +22,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.callstate import CallStore, EmbeddedRedis, WorkerInfo
 from app.config import WorkerSettings
-from app.protocol import FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
+from app.protocol import BOT_FRAME_BYTES, FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
 from app.protocol import Sampling as CallSampling
 from app.worker.runtime import Runtime
 from app.worker.server import bound_socket, create_app
@@ -169,7 +169,7 @@ def test_a_call_gets_one_bot_frame_per_caller_frame_and_end_frees_the_slot(worke
                     bot.append(message)
                 else:
                     texts.append(decode_server(message))
-        assert all(len(b) == FRAME_BYTES for b in bot)
+        assert all(len(b) == BOT_FRAME_BYTES for b in bot)
         ws.send(encode(End(reason="caller_hangup")))
         ended = None
         while ended is None:

@@ -42,12 +42,12 @@ def test_only_the_given_rows_advance_and_outputs_follow_row_order() -> None:
     offsets = []
     for t in range(4):
         out = tick.run([2, 1], _speechy(2, t))
-        assert out.shape == (2, FRAME_SAMPLES + 1 + 8) and out.dtype == np.int16
+        assert out.shape == (2, FRAME_SAMPLES + 1 + 16) and out.dtype == np.int16
         offsets.append(lm.tokens.offset.tolist())
     assert offsets[-1] == [0, 4, 4]  # slot 0 never ran
     assert torch.equal(torch.stack([ring.kv[:, 0] for ring in lm.rings]), kv_before)
     # After the first two frames (offset > max delay) the rows carry valid agent codes.
-    pcm, text, codes = tick.split(out)
+    pcm, text, codes, _ = tick.split(out)
     assert pcm.shape == (2, FRAME_SAMPLES) and text.shape == (2,) and codes.shape == (2, 8)
     assert (codes >= 0).all() and (codes < 2048).all()
 
@@ -191,7 +191,7 @@ def test_a_compiled_tick_that_would_recompile_runs_eagerly_instead() -> None:
     tick.run([0], _speechy(1, 0))
     lm.sampling.temp_text = lm.sampling.temp_text.double()  # a tensor the compiled tick was specialised on changes dtype
     out = tick.run([0, 1], _speechy(2, 1))
-    assert out.shape == (2, FRAME_SAMPLES + 1 + 8)
+    assert out.shape == (2, FRAME_SAMPLES + 1 + 16)
     assert tick.compiled is None and tick.work == tick._compute
 
 

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from app.worker.model import sampling
 from app.worker.model.lm_state import SamplingParams, SlotState, TokenRing
 from app.worker.model.rope import Tables, rope_tables, rotate
-from app.worker.model.streaming import KVRing, SlotsArg, check_slot, first_visible, reset_stateful, slot_mask
+from app.worker.model.streaming import (
+    KVRing,
+    SlotsArg,
+    check_slot,
+    first_visible,
+    materialise_buffers,
+    reset_stateful,
+    slot_mask,
+)
 
 DELAYS: tuple[int, ...] = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
 AGENT_CODEBOOKS = 8
@@ -335,6 +343,21 @@ class PersonaPlexLM(nn.Module):
     def device(self) -> torch.device:
         return self.tokens.offset.device
 
+    def sharing_weights(self, max_slots: int) -> "PersonaPlexLM":
+        """Another LM over these very weights (no copy) with per-slot state of its own for
+        `max_slots` calls: a scratch slot to rebuild a call's context while the call goes on."""
+        with torch.device("meta"):
+            other = PersonaPlexLM(
+                self.cfg, max_slots, dtype=self.dtype, kv_dtype=self.kv_dtype, depformer_steps=self.depformer_steps
+            )
+        own = dict(self.named_modules())
+        for name, module in other.named_modules():  # the very Parameter objects: no copy, no new tensor
+            for pname, param in own[name].named_parameters(recurse=False):
+                setattr(module, pname, param)
+        materialise_buffers(other, self.device)
+        other.init_state()
+        return other.eval()
+
     @torch.no_grad()
     def init_state(self) -> None:
         """(Re)fill every buffer: constants, all slots reset, KV zeroed (e.g. after `to_empty`)."""
@@ -561,12 +584,13 @@ class PersonaPlexLM(nn.Module):
 
     @torch.no_grad()
     def prefill_frames(self, slot: int, frames: Optional[Tensor] = None, embeddings: Optional[Tensor] = None) -> None:
-        """Run N fully given frames for one slot in one parallel forward.
+        """Run N given frames for one slot in one parallel forward.
 
         Same resulting state (offset, token ring, provided flags, KV) as N calls of `step` with
-        those frames for this slot, from its current state. frames [17, N] long, every token
-        given (>= 0). embeddings [N, D]: replay stored input embeddings instead (reference
-        step_embeddings); frames then default to `replay_frame()` repeated.
+        those frames for this slot, from its current state. frames [17, N] long; every token a
+        step of them reads must be given (>= 0): only the last frame's delayed agent codes may be
+        -1, as in a call's frame in progress. embeddings [N, D]: replay stored input embeddings
+        instead (reference step_embeddings); frames then default to `replay_frame()` repeated.
         """
         slot = check_slot(slot, self.max_slots)
         cfg = self.cfg
@@ -583,9 +607,6 @@ class PersonaPlexLM(nn.Module):
         if embeddings is not None and embeddings.shape[0] != frames.shape[1]:
             raise ValueError(f"embeddings hold {embeddings.shape[0]} frames, frames hold {frames.shape[1]}")
         fr = frames.detach().to("cpu", torch.long)
-        if bool((fr < 0).any()):
-            raise ValueError("prefill needs every token given (no -1): nothing is sampled in a prefill")
-
         columns, steps, p0 = self.tokens.plan_frames(slot, fr, replay=embeddings is not None)
         if columns:
             dev = self.device

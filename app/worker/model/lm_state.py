@@ -154,12 +154,14 @@ class TokenRing(SlotStateful):
 
     # ------------------------------------------------------------- one slot, planned on the host
     def plan_frames(self, slot: int, frames: Tensor, replay: bool) -> tuple[list[Tensor], list[int], int]:
-        """Step fully given frames [17, N] of one slot on the host, as `step` would, and keep the result.
+        """Step given frames [17, N] of one slot on the host, as `step` would, and keep the result.
 
+        A token may be -1 (not given) only where no step of these frames needs it: the delayed
+        codes of the last frame, which the next `step` samples (a call's frame in progress).
         replay: the frames' transformer inputs are replayed embeddings (reference step_embeddings,
         which also steps the transformer at offset 0). Returns the transformer input columns [17]
         of the steps that run the transformer, the frame index of each and the KV position of the
-        first (-1 if none). Raises if a target token would need sampling.
+        first (-1 if none). Raises ValueError if a step would need to sample.
         """
         ct = self.cfg.cache_len
         delays = [int(d) for d in self.cfg.delays]
@@ -170,8 +172,9 @@ class TokenRing(SlotStateful):
 
         def write(o: int, col: Tensor) -> None:
             for k, d in enumerate(delays):
-                cache[k, (o + d) % ct] = col[k]
-                prov[k, (o + d) % ct] = True
+                if int(col[k]) >= 0:
+                    cache[k, (o + d) % ct] = col[k]
+                    prov[k, (o + d) % ct] = True
             for k, d in enumerate(delays):
                 if o <= d:
                     cache[k, o % ct] = initial[k]
@@ -187,8 +190,11 @@ class TokenRing(SlotStateful):
                 if not replay:
                     continue
                 write(off, frames[:, i])
-            if not bool(prov[:, off % ct].all()):
-                raise RuntimeError(f"prefill at offset {off}: target tokens not all provided, sampling would be needed")
+            missing = (~prov[:, off % ct]).nonzero()[:, 0].tolist()
+            if missing:
+                raise ValueError(
+                    f"prefill of frame {i} (offset {off}): streams {missing} not given; nothing is sampled in a prefill"
+                )
             if p0 < 0:
                 p0 = off - 1
             columns.append(cache[:, (off - 1) % ct].clone())

@@ -67,6 +67,15 @@ class SlotStateful(nn.Module, abc.ABC):
         """Clear the state of the rows where `mask` [S] is True; other rows stay bit for bit."""
 
 
+def materialise_buffers(module: nn.Module, device: torch.device) -> None:
+    """Allocate the buffers still on meta (per-slot state of a model built on meta) on `device`;
+    the model's `init_state` fills them."""
+    for m in module.modules():
+        for name, buf in list(m.named_buffers(recurse=False)):
+            if buf.is_meta:
+                setattr(m, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))
+
+
 def reset_stateful(module: nn.Module, mask: Tensor) -> None:
     """Reset the rows `mask` [S] of every `SlotStateful` inside `module` (itself included)."""
     for m in module.modules():

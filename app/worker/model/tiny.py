@@ -27,6 +27,7 @@ from app.worker.model import lm_checkpoint, loading, mimi_checkpoint
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
 from app.worker.model.prompts import voice_embeddings_from_audio
+from app.worker.model.streaming import materialise_buffers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,15 +170,9 @@ def models_for(weights: RandomWeights, slots: int, device: torch.device) -> tupl
         mimi = Mimi(weights.mimi_cfg, max_slots=slots, dtype=torch.float32)
     for model, state in ((lm, weights.lm), (mimi, weights.mimi)):
         model.load_state_dict(state, strict=True, assign=True)
-        _materialise_buffers(model, device)
+        materialise_buffers(model, device)
         model.init_state()
         model.eval()
     return lm, mimi
 
 
-def _materialise_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Allocate the buffers still on meta (per-slot state) on `device`; `init_state` fills them."""
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_meta:
-                setattr(module, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))

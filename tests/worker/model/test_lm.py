@@ -672,8 +672,9 @@ def test_prefill_rejects_missing_tokens():
     model = make_model(max_slots=1)
     frames = torch.zeros(17, 3, dtype=torch.long)
     frames[0, 1] = -1
-    with pytest.raises(ValueError, match="every token given"):
+    with pytest.raises(ValueError, match=r"frame 1 .*streams \[0\] not given"):
         model.prefill_frames(0, frames)
+    assert model.tokens.offset.tolist() == [0]  # refused before anything changed
 
 
 def test_embedding_replay_equals_token_path():
