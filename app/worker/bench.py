@@ -38,8 +38,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from app.personas import Persona, PersonaBook
-from app.protocol import FRAME_SAMPLES, Error, Ready, Sampling
+from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Error, Ready, Sampling
 from app.worker import persona_cache
+from app.worker.context import ContextPolicy, RebuildReport
 from app.worker.engine import Engine, TickResult, engine_threads
 from app.worker.metrics import WorkerMetrics
 from app.worker.model import prompts, tiny
@@ -76,6 +77,9 @@ class BenchOptions:
     state_dir: Path | None = None  # persona cache lives here; None: a temporary directory
     cuda_graph: bool = False  # replay the tick as a CUDA graph (GPU only)
     compile: bool = False  # torch.compile the tick (inductor), as WORKER_COMPILE=1 does
+    rebuild_margin: int = 50  # long calls (WORKER_REBUILD_*): with a small --context, rebuilds run
+    rebuild_keep_s: float = 120.0  # during the measured ticks and the record says what they cost
+    rebuild_chunk: int = 64
 
     def __post_init__(self) -> None:
         if not self.slots or min(self.slots) < 1:
@@ -334,9 +338,14 @@ def run_slots(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lm, mimi = tiny.models_for(weights, slots, device)
+    policy = ContextPolicy(
+        context=lm.cfg.context, margin=options.rebuild_margin,
+        keep=max(1, round(options.rebuild_keep_s / FRAME_SECONDS)), chunk=options.rebuild_chunk,
+    )
+    rebuilds: list[RebuildReport] = []
     engine = Engine(persona.runtime(lm, mimi), worker_id="bench", max_queue_frames=2,
                     metrics=WorkerMetrics(slots), cuda_graph=options.cuda_graph,
-                    compile="inductor" if options.compile else None)
+                    compile="inductor" if options.compile else None, policy=policy, on_rebuild=rebuilds.append)
     sink = _Sink()
     frames = caller_frames(64, options.seed + slots)
     calls: list[Lease] = []
@@ -358,7 +367,9 @@ def run_slots(
 
     ticks: list[TickResult] = []
     steps: list[float] = []
+    steps_rebuilding: list[float] = []  # of steps: those whose between-ticks work ran a rebuild chunk
     pickups_before = 0
+    rebuilds_before = 0
     limit = 3 * (options.warmup + options.ticks) + 10
     with torch.inference_mode():
         t = 0
@@ -367,13 +378,17 @@ def run_slots(
                 raise RuntimeError(f"{slots} slots: only {len(ticks)} busy ticks in {t} steps")
             if t == options.warmup:
                 pickups_before = len(sink.pickups_ms)
+                rebuilds_before = len(rebuilds)
             churn(t)
+            chunks = engine.stats().rebuild_chunks
             started = time.perf_counter()
             result = engine.step()
             step_s = time.perf_counter() - started
             if t >= options.warmup and result.slots:
                 ticks.append(result)
                 steps.append(step_s)
+                if engine.stats().rebuild_chunks > chunks:
+                    steps_rebuilding.append(step_s)
             t += 1
         pickups = sink.pickups_ms[pickups_before:] or sink.pickups_ms
         # One more churn, so that the audited step holds exactly one join and a full tick.
@@ -427,6 +442,7 @@ def run_slots(
         "pickup_ms": round(_pct(pickups, 0.50), 3),
         "pickup_max_ms": round(max(pickups), 3),
         "pickups": len(pickups),
+        **_rebuild_figures(rebuilds[rebuilds_before:], steps, steps_rebuilding),
         "peak_memory_bytes": peak,
         "peak_memory_gib": round(peak / 2**30, 3),
         "peak_memory_kind": peak_kind,
@@ -435,6 +451,28 @@ def run_slots(
     del engine, lm, mimi
     _free(device)
     return record
+
+
+def _rebuild_figures(
+    reports: list[RebuildReport], steps: list[float], steps_rebuilding: list[float]
+) -> dict[str, Any]:
+    """What the long-call rebuilds during the measured ticks cost, and the steps (between-ticks work
+    + tick, what makes the next tick late) with a rebuild chunk next to all steps."""
+    prefill = [sum(r.chunk_seconds) for r in reports]
+    chunks = [c for r in reports for c in r.chunk_seconds]
+    figures: dict[str, Any] = {"rebuilds": len(reports), "rebuilds_forced": sum(r.forced for r in reports)}
+    if reports:
+        figures.update({
+            "rebuild_ms_p50": _ms(prefill, 0.50),
+            "rebuild_ms_max": _ms(prefill, 1.0),
+            "rebuild_frames_mean": round(statistics.fmean(r.stop_frame - r.first_frame for r in reports), 1),
+            "rebuild_chunks_mean": round(statistics.fmean(len(r.chunk_seconds) for r in reports), 1),
+            "rebuild_chunk_ms_p50": _ms(chunks, 0.50),
+            "rebuild_chunk_ms_max": _ms(chunks, 1.0),
+            "step_p99_ms_rebuilding": _ms(steps_rebuilding, 0.99) if steps_rebuilding else None,
+            "steps_rebuilding": len(steps_rebuilding),
+        })
+    return figures
 
 
 def run_bench(options: BenchOptions, emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:

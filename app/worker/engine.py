@@ -100,6 +100,8 @@ class EngineStats:
     tick_p99_ms: float | None
     tick_last_ms: float | None
     running: bool
+    rebuilds: int = 0  # long calls' contexts rebuilt
+    rebuild_chunks: int = 0  # rebuild prefills run between ticks (the frame-in-progress step included)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class _Counters:
     busy_ticks: int = 0
     overruns: int = 0
     tick_errors: int = 0
+    rebuilds: int = 0
+    rebuild_chunks: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_TICK_HISTORY))
 
 
@@ -234,6 +238,8 @@ class Engine:
                 tick_p99_ms=_percentile(durations, 0.99),
                 tick_last_ms=last,
                 running=self.running,
+                rebuilds=c.rebuilds,
+                rebuild_chunks=c.rebuild_chunks,
             )
 
     def _run(self) -> None:
@@ -494,7 +500,9 @@ class Engine:
             return
         call = held[1]
         forced = force or call.offset > self.policy.limit
-        job.advance(call.history, call.history.completed if forced else self.policy.chunk)
+        ran = job.advance(call.history, call.history.completed if forced else self.policy.chunk)
+        with self._lock:
+            self._counters.rebuild_chunks += 1 if ran else 0
         if forced or job.caught_up(call.history):
             self._finish_rebuild(lease, call, job, forced)
 
@@ -513,6 +521,9 @@ class Engine:
         call.offset = int(state.offset)
         call.rebuilds += 1
         self._job = None
+        with self._lock:
+            self._counters.rebuilds += 1
+            self._counters.rebuild_chunks += 1
         total = time.perf_counter() - job.started
         if self.metrics is not None:
             self.metrics.rebuilds.labels(outcome="forced" if forced else "spread").inc()

@@ -53,6 +53,18 @@ def test_bench_prints_one_consistent_object_per_slot_count_and_a_summary(
     assert summary["persona_prefill_was_cached"] is False
 
 
+def test_bench_reports_what_long_call_rebuilds_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    """With a context just above the bench persona's prompt, calls rebuild during the measured ticks."""
+    argv = ["bench", "--slots", "2", "--ticks", "120", "--warmup", "2", "--churn-every", "0", "--context", "300",
+            "--rebuild-chunk", "8", "--rebuild-margin", "20"]
+    assert main(argv) == 0
+    run, _summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert run["context"] == 300 and run["rebuilds"] >= 2 and run["rebuilds_forced"] == 0
+    assert run["rebuild_chunks_mean"] >= 2  # spread over several between-ticks windows
+    assert run["rebuild_ms_max"] >= run["rebuild_ms_p50"] > 0 and run["rebuild_chunk_ms_max"] > 0
+    assert run["steps_rebuilding"] >= run["rebuilds"] and run["step_p99_ms_rebuilding"] > 0
+
+
 def test_bench_rejects_bad_slot_counts(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--slots", "8,x"])
