@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="LM weights and KV (auto: bfloat16 with --full, else as the worker)")
     bench.add_argument("--context", type=int, default=None, help="LM context in frames (default: the config's)")
+    bench.add_argument("--rebuild-chunk", type=int, default=64,
+                       help="frames a long call's context rebuild prefills between ticks (WORKER_REBUILD_CHUNK_FRAMES)")
+    bench.add_argument("--rebuild-margin", type=int, default=50,
+                       help="frames before the window's limit a rebuild starts (WORKER_REBUILD_MARGIN_FRAMES)")
+    bench.add_argument("--rebuild-keep-s", type=float, default=120.0,
+                       help="conversation a rebuild keeps (WORKER_REBUILD_KEEP_S); a small --context makes "
+                       "calls rebuild during the run")
     bench.add_argument("--budget-ms", type=float, default=70.0, help="p99 tick budget for the summary")
     bench.add_argument("--cuda-graph", action="store_true",
                        help="replay the tick as a CUDA graph (GPU only), as WORKER_CUDA_GRAPH=1 does")
@@ -271,7 +278,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             full=args.full, slots=args.slots, ticks=args.ticks, warmup=args.warmup,
             churn_every=args.churn_every, device=args.device, dtype=args.dtype, context=args.context,
             budget_ms=args.budget_ms, seed=args.seed, state_dir=args.state_dir, cuda_graph=args.cuda_graph,
-            compile=args.compile,
+            compile=args.compile, rebuild_chunk=args.rebuild_chunk, rebuild_margin=args.rebuild_margin,
+            rebuild_keep_s=args.rebuild_keep_s,
         )
     except ValueError as exc:
         logger.error("%s", exc)
