@@ -227,3 +227,33 @@ def test_a_malformed_resume_is_refused_before_the_engine_sees_it(short_runtime: 
     with pytest.raises(ProtocolError, match="5 frames before frame 2"):
         engine.open("x", PERSONA, None, Outbox(), resume=too_many)
     assert engine.scheduler.stats().free == short_runtime.max_slots
+
+
+def test_a_bystander_hears_the_same_whatever_rebuilds_run_beside_it(
+    short_runtime: Runtime, other_runtime: Runtime
+) -> None:
+    """Rebuilds are the rebuilt call's own business: a call beside one that rebuilds says exactly
+    what it says alone."""
+    audio = caller_frames(40, seed=11)
+    alone = Engine(other_runtime, worker_id="a", max_queue_frames=4, policy=_policy(other_runtime))
+    out_alone = Outbox()
+    lease = alone.open("bystander", PERSONA, Sampling(seed=9), out_alone)
+    reports = []
+    busy = Engine(short_runtime, worker_id="b", max_queue_frames=4, policy=_policy(short_runtime),
+                  on_rebuild=reports.append)
+    out_busy, out_long = Outbox(), Outbox()
+    long_lease = busy.open("long", PERSONA, Sampling(seed=1), out_long)
+    for i in range(60):  # the long call gets ahead, so that it rebuilds while the bystander talks
+        busy.push(long_lease, audio[i % len(audio)])
+        busy.step()
+    by_lease = busy.open("bystander", PERSONA, Sampling(seed=9), out_busy)
+    alone.step()
+    busy.step()
+    for i in range(120):
+        alone.push(lease, audio[i % len(audio)])
+        alone.step()
+        busy.push(long_lease, audio[(i + 7) % len(audio)])
+        busy.push(by_lease, audio[i % len(audio)])
+        busy.step()
+    assert len([r for r in reports if r.call_id == "long"]) >= 3
+    assert out_busy.of(bytes) == out_alone.of(bytes)  # the same audio and tokens, bit for bit
