@@ -458,53 +458,77 @@ class Engine:
 
     # --------------------------------------------------------------------------- long calls
     def _keep_context(self) -> None:
-        """Between ticks: advance the rebuild in progress by one chunk, start the next one that is
-        due, and finish at once any whose call would otherwise step past the window's limit."""
-        if self._job is not None:
-            self._advance_rebuild(force=False)
-        for lease, call in list(self._calls.values()):
-            if not self.policy.due(call.offset) or (self._job is not None and self._job[0] == lease):
+        """Between ticks: spend at most one chunk of prefill (the per-tick budget, shared by all
+        calls) on rebuilds, most urgent call first; a call that would step past the window's limit
+        is rebuilt at once whatever the budget (a stall, counted as forced)."""
+        budget = self.policy.chunk
+        while True:
+            urgent = self._most_urgent(past_limit=True)
+            if self._job is None:
+                nxt = urgent or (self._most_urgent(past_limit=False) if budget > 0 else None)
+                if nxt is None:
+                    return
+                self._start_rebuild(*nxt)
+            spent, done = self._advance_rebuild(budget, force=urgent is not None)
+            budget -= spent
+            if not done and urgent is None:
+                return  # the job goes on between the next two ticks
+
+    def _most_urgent(self, past_limit: bool) -> tuple[Lease, _Call] | None:
+        """The call with the highest offset that is due (or, with past_limit, would step past the
+        limit) and whose persona leaves room to rebuild; the one being rebuilt excluded."""
+        best: tuple[Lease, _Call] | None = None
+        rebuilding = self._job[0] if self._job is not None else None
+        for lease, call in self._calls.values():
+            if lease == rebuilding or not self.policy.due(call.offset):
                 continue
-            if self._job is not None:
-                if call.offset <= self.policy.limit:
-                    continue  # one rebuild at a time: this one waits its turn
-                self._advance_rebuild(force=True)  # make way at once
-            self._start_rebuild(lease, call)
+            if past_limit and call.offset <= self.policy.limit:
+                continue
+            if not self._has_room(call.persona_id):
+                continue
+            if best is None or call.offset > best[1].offset:
+                best = (lease, call)
+        return best
+
+    def _has_room(self, persona_id: str) -> bool:
+        prompt = self.runtime.prompt_frames(persona_id)
+        if self.policy.keep_for(prompt) > 0:
+            return True
+        if persona_id not in self._no_room_logged:
+            self._no_room_logged.add(persona_id)
+            logger.warning(
+                "persona %s: its prompt (%d frames) leaves no room in the %d-frame context with a %d-frame "
+                "margin: its long calls cannot keep the prompt in the window",
+                persona_id, prompt, self.policy.context, self.policy.margin,
+            )
+        return False
 
     def _start_rebuild(self, lease: Lease, call: _Call) -> None:
-        prompt = self.runtime.prompt_frames(call.persona_id)
-        keep = self.policy.keep_for(prompt)
-        if keep == 0:
-            if call.persona_id not in self._no_room_logged:
-                self._no_room_logged.add(call.persona_id)
-                logger.warning(
-                    "persona %s: its prompt (%d frames) leaves no room in the %d-frame context with a %d-frame "
-                    "margin: its long calls cannot keep the prompt in the window",
-                    call.persona_id, prompt, self.policy.context, self.policy.margin,
-                )
-            return
+        keep = self.policy.keep_for(self.runtime.prompt_frames(call.persona_id))
         if self._scratch is None:
             self._scratch = self.runtime.lm.sharing_weights(1)
         self._job = (lease, RebuildJob(self._scratch, self.runtime.prompt_states[call.persona_id], call.history, keep))
-        self._advance_rebuild(force=False)
 
-    def _advance_rebuild(self, force: bool) -> None:
-        """One chunk of the rebuild in progress; swap it in once caught up, or now if forced or the
-        call would step past the limit."""
+    def _advance_rebuild(self, budget: int, force: bool) -> tuple[int, bool]:
+        """Prefill up to `budget` frames of the rebuild in progress and swap it in once caught up
+        (everything at once if forced or its call would step past the limit). Returns the frames
+        prefilled and whether the job is over."""
         if self._job is None:
-            return
+            return 0, True
         lease, job = self._job
         held = self._calls.get(lease.slot)
         if held is None or held[0] != lease:
             self._job = None  # the call left
-            return
+            return 0, True
         call = held[1]
         forced = force or call.offset > self.policy.limit
-        ran = job.advance(call.history, call.history.completed if forced else self.policy.chunk)
+        spent = job.advance(call.history, call.history.completed if forced else max(budget, 0))
         with self._lock:
-            self._counters.rebuild_chunks += 1 if ran else 0
-        if forced or job.caught_up(call.history):
-            self._finish_rebuild(lease, call, job, forced)
+            self._counters.rebuild_chunks += 1 if spent else 0
+        if not (forced or (job.caught_up(call.history) and budget > spent)):
+            return spent, False
+        self._finish_rebuild(lease, call, job, forced)
+        return spent + 1, True  # + the frame in progress
 
     def _finish_rebuild(self, lease: Lease, call: _Call, job: RebuildJob, forced: bool) -> None:
         """Add the frame in progress to the caught-up rebuild and swap the state into the call's slot."""
