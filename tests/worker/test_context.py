@@ -258,3 +258,28 @@ def test_a_bystander_hears_the_same_whatever_rebuilds_run_beside_it(
         busy.step()
     assert len([r for r in reports if r.call_id == "long"]) >= 3
     assert out_busy.of(bytes) == out_alone.of(bytes)  # the same audio and tokens, bit for bit
+
+
+def test_calls_due_together_share_the_per_tick_budget(short_runtime: Runtime) -> None:
+    """Two calls reach the window's edge together: their rebuilds take turns, never more than one
+    chunk of prefill between two ticks, and neither is forced."""
+    rt = short_runtime
+    policy = ContextPolicy(context=rt.lm.cfg.context, margin=10, keep=1000, chunk=4)
+    step = 0
+    swaps: list[tuple[int, object]] = []
+    engine = Engine(rt, worker_id="w", max_queue_frames=4, policy=policy,
+                    on_rebuild=lambda report: swaps.append((step, report)))
+    leases = [engine.open(f"c{i}", PERSONA, Sampling(seed=i), Outbox()) for i in range(2)]
+    audio = caller_frames(20, seed=2)
+    chunks_before = engine.stats().rebuild_chunks
+    for step in range(150):
+        for lease in leases:
+            engine.push(lease, audio[step % len(audio)])
+        before = engine.stats().rebuild_chunks
+        engine.step()
+        assert engine.stats().rebuild_chunks - before <= 2  # one chunk, and at most one swap after it
+    assert len(swaps) >= 6 and {r.call_id for _, r in swaps} == {"c0", "c1"}
+    assert all(max(r.chunk_frames) <= policy.chunk and not r.forced for _, r in swaps)
+    steps = [s for s, _ in swaps]
+    assert len(set(steps)) == len(steps)  # never two swaps between the same two ticks
+    assert engine.stats().rebuilds == len(swaps) and engine.stats().rebuild_chunks > chunks_before
