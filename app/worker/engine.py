@@ -328,9 +328,8 @@ class Engine:
         frames = resume.tokens()  # [n, 17]: frames next_frame - n .. next_frame - 1
         call.history.load(frames[-self.policy.context :], resume.next_frame)
         call.next_frame = resume.next_frame
-        kept = frames
-        if self.policy.due(prompt + len(frames)):
-            kept = frames[len(frames) - self.policy.keep_for(prompt) :] if self.policy.keep_for(prompt) else frames[:0]
+        keep = self.policy.keep_for(prompt) if self.policy.due(prompt + len(frames)) else len(frames)
+        kept = frames[len(frames) - keep :]
         if len(kept):
             rt.prefill_slot(slot, kept)
         call.offset = prompt + len(kept)
