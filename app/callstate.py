@@ -7,12 +7,18 @@ Keys (all under the `cc:` prefix):
     cc:calls                zset    every call id by creation time (records are never expired)
     cc:calls:active         set     calls not yet in a terminal status
     cc:workers              set     registered worker ids
-    cc:worker:{id}          hash    url, max_slots, heartbeat_at, active
+    cc:worker:{id}          hash    url, max_slots, heartbeat_at, heartbeat_s, active, draining
     cc:worker:{id}:calls    zset    reserved call ids by reservation time
+    cc:worker:{id}:suspect  string  set (short TTL) by a gateway that failed to connect to the worker
+                                    or lost a session on it: no new calls go there meanwhile
     cc:reservation:{call}   string  the worker holding the call's slot
 
 Every status change is one Lua script: the lifecycle is checked, the record and its timestamp
-written, the event appended and the active index updated, atomically.
+written, the event appended and the active index updated, atomically. Slot reservation is one
+script too: it picks the routable worker (heartbeat fresh, not draining, not suspect, not excluded
+by the caller) with the most free slots, and moves a call's reservation there when the call moves.
+A worker's heartbeat has lapsed once it is older than two of its heartbeat periods plus a second
+(at most `heartbeat_ttl_s`): one missed beat and it gets no new call.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -94,6 +101,7 @@ class CallRecord(BaseModel):
     frames_out: int | None = None
     frames_dropped: int | None = None
     late_frames: int | None = None
+    worker_changes: int | None = None  # times the call moved to another worker (failover, drain)
 
     @property
     def duration_s(self) -> float | None:
@@ -122,6 +130,18 @@ class WorkerInfo(BaseModel):
     active: int
     heartbeat_at: float
     alive: bool
+    draining: bool = False
+    suspect: bool = False
+
+    @property
+    def routable(self) -> bool:
+        """New calls may go here: alive, not draining, not marked suspect."""
+        return self.alive and not self.draining and not self.suspect
+
+
+def heartbeat_limit(ttl_s: float, every_s: float | None) -> float:
+    """Age after which a worker's heartbeat has lapsed: two periods and a second, at most ttl_s."""
+    return ttl_s if not every_s else min(ttl_s, 2 * every_s + 1.0)
 
 
 # KEYS: record, events, active set. ARGV: new status, now, allowed-from (comma list),
@@ -149,26 +169,39 @@ redis.call('XADD', KEYS[2], '*', 'type', 'status', 'ts', ARGV[2], 'from', curren
 return current
 """
 
-# KEYS: workers set, reservation key. ARGV: now, heartbeat ttl, call id, stale age, prefix.
-# Picks the live worker with the most free slots; returns {worker id, url} or nil.
+# KEYS: workers set, reservation key. ARGV: now, heartbeat ttl, call id, stale age, prefix, then
+# the worker ids to exclude. A call keeps a reservation on a worker not excluded; otherwise the
+# routable worker with the most free slots gets it (an excluded old one is released only then).
+# Returns {worker id, url} or nil (no routable worker has a free slot: the old reservation stays).
 _RESERVE = """
+local prefix = ARGV[5]
+local excluded = {}
+for i = 6, #ARGV do excluded[ARGV[i]] = true end
 local existing = redis.call('GET', KEYS[2])
-if existing then
-  return {existing, redis.call('HGET', ARGV[5] .. 'worker:' .. existing, 'url') or ''}
+if existing and not excluded[existing] then
+  return {existing, redis.call('HGET', prefix .. 'worker:' .. existing, 'url') or ''}
 end
 local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
 local best, best_free, best_url = nil, 0, nil
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local w = ARGV[5] .. 'worker:' .. id
-  local hb = tonumber(redis.call('HGET', w, 'heartbeat_at') or '0')
-  if now - hb <= tonumber(ARGV[2]) then
-    redis.call('ZREMRANGEBYSCORE', w .. ':calls', '-inf', now - tonumber(ARGV[4]))
-    local free = tonumber(redis.call('HGET', w, 'max_slots') or '0') - redis.call('ZCARD', w .. ':calls')
-    if free > best_free then best, best_free, best_url = id, free, redis.call('HGET', w, 'url') end
+  local w = prefix .. 'worker:' .. id
+  if not excluded[id] and redis.call('HGET', w, 'draining') ~= '1'
+      and redis.call('EXISTS', w .. ':suspect') == 0 then
+    local hb = tonumber(redis.call('HGET', w, 'heartbeat_at') or '0')
+    local every = tonumber(redis.call('HGET', w, 'heartbeat_s') or '0')
+    local limit = ttl
+    if every > 0 then limit = math.min(ttl, 2 * every + 1) end
+    if now - hb <= limit then
+      redis.call('ZREMRANGEBYSCORE', w .. ':calls', '-inf', now - tonumber(ARGV[4]))
+      local free = tonumber(redis.call('HGET', w, 'max_slots') or '0') - redis.call('ZCARD', w .. ':calls')
+      if free > best_free then best, best_free, best_url = id, free, redis.call('HGET', w, 'url') end
+    end
   end
 end
 if not best then return nil end
-redis.call('ZADD', ARGV[5] .. 'worker:' .. best .. ':calls', now, ARGV[3])
+if existing then redis.call('ZREM', prefix .. 'worker:' .. existing .. ':calls', ARGV[3]) end
+redis.call('ZADD', prefix .. 'worker:' .. best .. ':calls', now, ARGV[3])
 redis.call('SET', KEYS[2], best)
 return {best, best_url}
 """
@@ -388,30 +421,52 @@ class CallStore:
         return records[:limit]
 
     # ---------------------------------------------------------------------------- workers
-    async def register_worker(self, worker_id: str, url: str, max_slots: int) -> None:
-        """(Re)register a worker; reservations from its previous life are dropped."""
+    async def register_worker(
+        self, worker_id: str, url: str, max_slots: int, *, heartbeat_s: float | None = None
+    ) -> None:
+        """(Re)register a worker; reservations from its previous life and a suspect mark are dropped."""
         w = f"{PREFIX}worker:{worker_id}"
         stale = await self.redis.zrange(f"{w}:calls", 0, -1)
+        fields: dict[str, Any] = {
+            "url": url, "max_slots": max_slots, "heartbeat_at": repr(time.time()), "active": 0, "draining": 0,
+        }
+        if heartbeat_s is not None:
+            fields["heartbeat_s"] = heartbeat_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(f"{w}:calls")
+            pipe.delete(f"{w}:calls", f"{w}:suspect")
             for call_id in stale:
                 pipe.delete(f"{PREFIX}reservation:{call_id}")
-            pipe.hset(w, mapping={"url": url, "max_slots": max_slots, "heartbeat_at": repr(time.time()), "active": 0})
+            pipe.hset(w, mapping=fields)
             pipe.sadd(f"{PREFIX}workers", worker_id)
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, active_slots: int, *, url: str, max_slots: int) -> None:
-        """The worker is alive with `active_slots` in use.
+    async def heartbeat(
+        self,
+        worker_id: str,
+        active_slots: int,
+        *,
+        url: str,
+        max_slots: int,
+        heartbeat_s: float | None = None,
+        draining: bool = False,
+    ) -> None:
+        """The worker is alive with `active_slots` in use (and draining: it takes no new call).
 
         It also (re)writes the registration, so a worker whose record was lost (a Redis restart
         without persistence, a flush) is routable again within one heartbeat. Reservations are kept.
         """
         w = f"{PREFIX}worker:{worker_id}"
+        fields: dict[str, Any] = {
+            "url": url,
+            "max_slots": max_slots,
+            "heartbeat_at": repr(time.time()),
+            "active": active_slots,
+            "draining": int(draining),
+        }
+        if heartbeat_s is not None:
+            fields["heartbeat_s"] = heartbeat_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                w,
-                mapping={"url": url, "max_slots": max_slots, "heartbeat_at": repr(time.time()), "active": active_slots},
-            )
+            pipe.hset(w, mapping=fields)
             pipe.sadd(f"{PREFIX}workers", worker_id)
             await pipe.execute()
 
@@ -422,6 +477,19 @@ class CallStore:
             pipe.delete(w)
             await pipe.execute()
 
+    async def mark_suspect(self, worker_id: str, ttl_s: float, reason: str) -> None:
+        """No new call goes to `worker_id` for `ttl_s` (a connect failed, or a session on it dropped)."""
+        await self.redis.set(f"{PREFIX}worker:{worker_id}:suspect", reason[:200], px=max(1, int(ttl_s * 1000)))
+
+    async def worker_lapsed(self, worker_id: str) -> bool:
+        """True when the worker's heartbeat is known and has lapsed. A worker with no record is not
+        known to be dead (Redis may have lost it; its next heartbeat restores it): False."""
+        data = await self.redis.hmget(f"{PREFIX}worker:{worker_id}", ["heartbeat_at", "heartbeat_s"])
+        if data[0] is None:
+            return False
+        every = float(data[1]) if data[1] is not None else None
+        return time.time() - float(data[0]) > heartbeat_limit(self.heartbeat_ttl_s, every)
+
     async def workers(self) -> list[WorkerInfo]:
         now = time.time()
         out = []
@@ -431,6 +499,7 @@ class CallStore:
             if not data:
                 continue
             heartbeat = float(data.get("heartbeat_at", 0))
+            every = float(data["heartbeat_s"]) if "heartbeat_s" in data else None
             out.append(
                 WorkerInfo(
                     worker_id=worker_id,
@@ -439,19 +508,26 @@ class CallStore:
                     reserved=await self.redis.zcard(f"{w}:calls"),
                     active=int(data.get("active", 0)),
                     heartbeat_at=heartbeat,
-                    alive=now - heartbeat <= self.heartbeat_ttl_s,
+                    alive=now - heartbeat <= heartbeat_limit(self.heartbeat_ttl_s, every),
+                    draining=data.get("draining") == "1",
+                    suspect=bool(await self.redis.exists(f"{w}:suspect")),
                 )
             )
         return out
 
     async def free_slots(self) -> int:
-        return sum(max(w.max_slots - w.reserved, 0) for w in await self.workers() if w.alive)
+        """Free slots on the workers a new call may go to (alive, not draining, not suspect)."""
+        return sum(max(w.max_slots - w.reserved, 0) for w in await self.workers() if w.routable)
 
-    async def reserve_slot(self, call_id: str) -> Reservation | None:
-        """Reserve a slot for `call_id` on the live worker with the most free slots (atomic)."""
+    async def reserve_slot(self, call_id: str, *, exclude: Iterable[str] = ()) -> Reservation | None:
+        """Reserve a slot for `call_id` on the routable worker with the most free slots (atomic).
+
+        A call that holds a reservation keeps it unless its worker is in `exclude`; then the
+        reservation moves to another worker, or stays where it is when none has a free slot (None).
+        """
         result = await self._reserve(
             keys=[f"{PREFIX}workers", f"{PREFIX}reservation:{call_id}"],
-            args=[repr(time.time()), self.heartbeat_ttl_s, call_id, self.stale_reservation_s, PREFIX],
+            args=[repr(time.time()), self.heartbeat_ttl_s, call_id, self.stale_reservation_s, PREFIX, *exclude],
         )
         if not result:
             return None

@@ -47,6 +47,10 @@ class WorkerSettings(RedisSettings):
     worker_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     worker_state_dir: Path = Field(default=Path("var/worker"), description="tiny checkpoint, persona cache")
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_drain_grace_s: float = Field(
+        default=30.0, ge=0, description="after SIGTERM or POST /admin/drain: how long calls may take to move "
+        "off (or finish) before the worker exits anyway (compose's stop_grace_period allows for it)",
+    )
     worker_cuda_graph: bool = Field(
         default=False,
         description="replay the engine tick as a CUDA graph (GPU only; not yet validated on a GPU)",
@@ -112,6 +116,16 @@ class GatewaySettings(RedisSettings):
         default=4, ge=1, description="bot 80 ms frames buffered toward the caller before dropping"
     )
     worker_connect_timeout_s: float = Field(default=10.0, gt=0)
+    worker_failover_timeout_s: float = Field(
+        default=5.0, gt=0, description="a call whose worker is lost looks this long for another one, "
+        "then ends failed/worker_lost",
+    )
+    worker_suspect_s: float = Field(
+        default=10.0, gt=0, description="a worker that failed a connect or lost a session gets no new call this long",
+    )
+    worker_heartbeat_check_s: float = Field(
+        default=1.0, ge=0, description="how often a call checks its worker's heartbeat (0: never)",
+    )
     webrtc_ice_servers: list[str] = Field(
         default=[],
         description='softphone STUN/TURN URLs, JSON list: ["stun:stun.example.com:3478", "turn:turn.example.com"]',

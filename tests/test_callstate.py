@@ -151,3 +151,51 @@ async def test_records_survive_a_restart_of_the_embedded_server(tmp_path) -> Non
         await again.aclose()
     finally:
         server.close()
+
+
+async def test_reservation_skips_excluded_draining_and_suspect_workers(store: CallStore, redis_client) -> None:
+    await store.register_worker("a", "ws://127.0.0.1:1", max_slots=4)
+    await store.register_worker("b", "ws://127.0.0.1:2", max_slots=2)
+    await store.register_worker("c", "ws://127.0.0.1:3", max_slots=1)
+    assert (await store.reserve_slot("x", exclude=["a"])).worker_id == "b"
+    await store.release_slot("x")
+
+    await store.heartbeat("a", 0, url="ws://127.0.0.1:1", max_slots=4, draining=True)
+    await store.mark_suspect("b", 30, "connect refused")
+    assert (await store.reserve_slot("y")).worker_id == "c"  # a drains, b is suspect
+    assert await store.free_slots() == 0
+    by_id = {w.worker_id: w for w in await store.workers()}
+    assert by_id["a"].draining and by_id["b"].suspect and by_id["c"].routable
+    assert await store.reserve_slot("z") is None
+
+    await redis_client.pexpire("cc:worker:b:suspect", 1)  # the mark's short TTL runs out
+    await asyncio.sleep(0.05)
+    assert (await store.reserve_slot("z")).worker_id == "b"
+    await store.register_worker("a", "ws://127.0.0.1:1", max_slots=4)  # restarted: routable again
+    assert (await store.reserve_slot("w")).worker_id == "a"
+
+
+async def test_a_moving_call_takes_its_reservation_along_or_keeps_it(store: CallStore) -> None:
+    await store.register_worker("a", "ws://127.0.0.1:1", max_slots=2)
+    await store.register_worker("b", "ws://127.0.0.1:2", max_slots=1)
+    assert (await store.reserve_slot("m")).worker_id == "a"
+    moved = await store.reserve_slot("m", exclude=["a"])
+    assert moved is not None and moved.worker_id == "b"
+    by_id = {w.worker_id: w for w in await store.workers()}
+    assert (by_id["a"].reserved, by_id["b"].reserved) == (0, 1)  # one slot, on the new worker
+    # Nowhere else to go: the reservation stays where it is.
+    assert await store.reserve_slot("m", exclude=["b", "a"]) is None
+    assert await store.redis.get("cc:reservation:m") == "b"
+    await store.release_slot("m")
+    assert sum(w.reserved for w in await store.workers()) == 0
+
+
+async def test_a_missed_heartbeat_stops_new_calls_at_once(store: CallStore, redis_client) -> None:
+    """A worker that heartbeats every 0.5 s has lapsed after 2 s, long before the 10 s TTL."""
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=2, heartbeat_s=0.5)
+    assert not await store.worker_lapsed("w")
+    await redis_client.hset("cc:worker:w", "heartbeat_at", repr(time.time() - 2.5))
+    assert await store.worker_lapsed("w")
+    assert await store.reserve_slot("late") is None
+    assert [w.alive for w in await store.workers()] == [False]
+    assert not await store.worker_lapsed("never-registered")  # unknown is not known dead

@@ -20,6 +20,7 @@ from app.callstate import CallStore, EndReason, connect_redis
 from app.config import GatewaySettings
 from app.gateway import admin, ops, twilio, webrtc
 from app.gateway.metrics import GatewayMetrics
+from app.gateway.routing import RedisRouter
 from app.gateway.security import TwilioSignatures
 from app.gateway.state import GatewayState
 from app.personas import PersonaBook, load_personas
@@ -37,12 +38,14 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
         book = personas if personas is not None else load_personas(settings.personas_dir)
         redis, embedded = await connect_redis(settings)
         metrics = GatewayMetrics()
+        store = CallStore(redis)
         state = GatewayState(
             settings=settings,
-            store=CallStore(redis),
+            store=store,
             personas=book,
             metrics=metrics,
             signatures=TwilioSignatures(settings),
+            router=RedisRouter(store, suspect_s=settings.worker_suspect_s),
         )
         metrics.watch_live(state.frames_dropped_of_live_calls)
         app.state.gateway = state

@@ -57,6 +57,23 @@ class GatewayMetrics:
             buckets=(0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0),
             registry=self.registry,
         )
+        self.worker_changes = Counter(
+            "gateway_worker_changes",
+            "Calls moved to another worker mid-call (failover or drain), by why the old one stopped serving",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.worker_change_gap = Histogram(
+            "gateway_worker_change_gap_seconds",
+            "Caller-side silence while a call moved to another worker",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+            registry=self.registry,
+        )
+        self.worker_change_failures = Counter(
+            "gateway_worker_change_failures",
+            "Calls whose worker was lost while no other worker could take them over (ended worker_lost)",
+            registry=self.registry,
+        )
         self.frames_dropped_finished = 0
         self._live: Callable[[], list[int]] = list
         self.registry.register(_LiveCollector(self))

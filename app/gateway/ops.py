@@ -20,19 +20,28 @@ async def healthz() -> dict[str, str]:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Ready to take calls: Redis answers and at least one worker is alive."""
+    """Ready to take calls: Redis answers and at least one worker is routable (alive, not
+    draining, not suspect)."""
     store = gateway_state(request).store
     try:
         await store.redis.ping()
-        workers = [w for w in await store.workers() if w.alive]
+        workers = await store.workers()
     except (RedisError, OSError) as exc:
         logger.warning("readyz: redis unreachable: %r", exc)
         return JSONResponse({"ready": False, "redis": False, "reason": f"redis unreachable: {exc}"}, status_code=503)
-    free = sum(max(w.max_slots - w.reserved, 0) for w in workers)
-    body = {"ready": bool(workers), "redis": True, "live_workers": len(workers), "free_slots": free}
-    if not workers:
-        body["reason"] = "no live worker"
-    return JSONResponse(body, status_code=200 if workers else 503)
+    routable = [w for w in workers if w.routable]
+    free = sum(max(w.max_slots - w.reserved, 0) for w in routable)
+    body = {
+        "ready": bool(routable),
+        "redis": True,
+        "live_workers": sum(w.alive for w in workers),
+        "routable_workers": len(routable),
+        "draining_workers": sum(w.alive and w.draining for w in workers),
+        "free_slots": free,
+    }
+    if not routable:
+        body["reason"] = "no routable worker" if any(w.alive for w in workers) else "no live worker"
+    return JSONResponse(body, status_code=200 if routable else 503)
 
 
 async def metrics(request: Request) -> Response:

@@ -8,6 +8,11 @@ Channel-agnostic (Twilio today, WebRTC later): the channel builds the pipeline, 
       worker lost / refused / busy  failed, worker_lost / error / busy
       media stream dropped          failed, error ("closed without a stop message")
 
+A call whose worker is lost or drains moves to another one (PersonaPlexService does it through the
+gateway's router): the record stays active, gets the new worker_id/slot and worker_changes, and an
+event `worker_changed` (old_worker, new_worker, reason, gap_ms, next_frame, resumed_frames). Only
+when no worker can take it over does it end failed, worker_lost.
+
 Redis writes (transitions, DTMF, marks, the bot's text, timings) go through one queue and one
 writer task, in order, off the media path; the final transition is written after all of them.
 Records: pickup_ms (stream start -> first bot audio pushed), prefill_ms (from Ready),
@@ -28,7 +33,7 @@ from pipecat.workers.runner import WorkerRunner
 from app import protocol
 from app.callstate import TERMINAL, CallStatus, CallStore, EndReason, InvalidTransition
 from app.gateway.metrics import GatewayMetrics
-from app.pipecat.service import PersonaPlexService
+from app.pipecat.service import PersonaPlexService, WorkerChange
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +118,32 @@ class CallSession:
                 )
             )
 
+        @service.event_handler("on_worker_changed")
+        async def _on_worker_changed(svc: PersonaPlexService, change: WorkerChange) -> None:
+            self.metrics.worker_changes.labels(change.reason).inc()
+            if change.gap_ms is not None:
+                self.metrics.worker_change_gap.observe(change.gap_ms / 1000)
+            logger.info(
+                "call %s: moved from worker %s to %s (%s), caller gap %s ms",
+                self.call_id, change.old_worker, change.new_worker, change.reason,
+                "?" if change.gap_ms is None else f"{change.gap_ms:.0f}",
+            )
+            changes = svc.stats.worker_changes
+            self.note_event(
+                "worker_changed",
+                old_worker=change.old_worker,
+                new_worker=change.new_worker,
+                reason=change.reason,
+                gap_ms=_round(change.gap_ms),
+                next_frame=change.next_frame,
+                resumed_frames=change.resumed_frames,
+            )
+            self._ops.put_nowait(
+                lambda: self.store.update(
+                    self.call_id, worker_id=change.new_worker, slot=change.slot, worker_changes=changes
+                )
+            )
+
         @service.event_handler("on_session_ended")
         async def _on_session_ended(_service: PersonaPlexService, reason: str, detail: str) -> None:
             self.request_end(EndReason(reason), detail)
@@ -179,6 +210,10 @@ class CallSession:
                 "frames_out": stats.frames_out,
                 "frames_dropped": stats.frames_dropped,
             }
+            if stats.worker_changes:
+                fields["worker_changes"] = stats.worker_changes
+            if stats.failed_moves:
+                self.metrics.worker_change_failures.inc(stats.failed_moves)
         try:
             if self.end_reason == EndReason.TRANSFER:
                 # The bot leaves; Twilio asks <Connect action> next, which dials and completes the record.

@@ -10,6 +10,7 @@ from fastapi import Request, WebSocket
 from app.callstate import CallStore, Reservation
 from app.config import GatewaySettings
 from app.gateway.metrics import GatewayMetrics
+from app.gateway.routing import RedisRouter
 from app.gateway.security import TwilioSignatures
 from app.personas import Persona, PersonaBook
 from app.pipecat.service import PersonaPlexService
@@ -25,20 +26,23 @@ class GatewayState:
     personas: PersonaBook
     metrics: GatewayMetrics
     signatures: TwilioSignatures
+    router: RedisRouter
     sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live media session
 
     def new_service(
         self, call_id: str, persona: Persona, reservation: Reservation | None = None
     ) -> PersonaPlexService:
-        """A call's PersonaPlexService with this gateway's worker token, store and queue settings."""
+        """A call's PersonaPlexService with this gateway's worker token, router and queue settings."""
         return PersonaPlexService(
             call_id=call_id,
             persona=persona.id,
             worker_token=self.settings.worker_token,
-            store=self.store,
+            router=self.router,
             reservation=reservation,
             output_queue_frames=self.settings.output_queue_frames,
             connect_timeout_s=self.settings.worker_connect_timeout_s,
+            failover_timeout_s=self.settings.worker_failover_timeout_s,
+            heartbeat_check_s=self.settings.worker_heartbeat_check_s,
         )
 
     def frames_dropped_of_live_calls(self) -> list[int]:

@@ -6,7 +6,8 @@ POST /twilio/voice   TwiML: `<Connect><Stream url=wss://.../twilio/stream>` with
 WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call.
 POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call.
 POST /twilio/after-stream  the `<Connect action>`: once the stream ends, `<Dial>` the persona's
-                     transfer number for a call the caller asked to transfer (DTMF 0), else hang up.
+                     transfer number for a call the caller asked to transfer (DTMF 0); a call that
+                     lost its worker (none could take it over) hears an apology; then hang up.
 
 With TWILIO_AUTH_TOKEN set, all of them require a valid X-Twilio-Signature (the stream on its upgrade
 request): otherwise 403 and nothing else happens.
@@ -46,6 +47,7 @@ _CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 BUSY_MESSAGE = "Thank you for calling {name}. All of our lines are busy right now. Please call again later."
 TROUBLE_MESSAGE = "Sorry, we are having technical difficulties. Please call again later."
+LOST_MESSAGE = "We are sorry, the line to our assistant was lost. Please call again in a moment."
 
 
 def _twiml(response: VoiceResponse) -> Response:
@@ -392,7 +394,8 @@ async def after_stream(request: Request) -> Response:
 
     A call whose caller asked for a person (DTMF 0 on a persona with a transfer number) is in
     `transferring`: dial that number and complete the record with end_reason transfer.
-    Anything else hangs up (its record was already ended by the media stream).
+    A call that ended failed/worker_lost hears an apology first. Anything else hangs up (its
+    record was already ended by the media stream).
     """
     state = gateway_state(request)
     form = await request.form()
@@ -410,6 +413,10 @@ async def after_stream(request: Request) -> Response:
             state.metrics.calls.labels(CallStatus.COMPLETED.value, EndReason.TRANSFER.value).inc()
         state.metrics.webhooks.labels("after_stream", "transfer").inc()
         logger.info("call %s: transferring to %s", record.call_id, persona.transfer_number)
+    elif record is not None and record.status == CallStatus.FAILED and record.end_reason == EndReason.WORKER_LOST:
+        response.say(LOST_MESSAGE)
+        response.hangup()
+        state.metrics.webhooks.labels("after_stream", "worker_lost").inc()
     else:
         response.hangup()
         state.metrics.webhooks.labels("after_stream", "hangup").inc()

@@ -396,6 +396,7 @@ def _summarise(report: CallReport, live: _Live, options: CallOptions) -> None:
     report.late_frames = playout.late_frames
     report.late_fraction = playout.late_frames / report.frames_in if report.frames_in else None
     report.underrun_ms = playout.underrun_samples / PHONE_RATE * 1000.0
+    report.largest_gap_ms = playout.largest_gap_samples / PHONE_RATE * 1000.0
     delays = playout.playout_delays_ms()
     if delays:
         report.playout_delay_ms_mean = float(np.mean(delays))

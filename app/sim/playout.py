@@ -41,6 +41,7 @@ class Playout:
     chunks: list[_Chunk] = field(default_factory=list)
     late_frames: int = 0
     underrun_samples: int = 0
+    largest_gap_samples: int = 0  # the longest single underrun
     cleared_samples: int = 0
     first_arrival_s: float | None = None
     _end: int | None = None  # end of the queued audio, None when (re)starting fresh
@@ -67,6 +68,7 @@ class Playout:
         elif arrival > self._end:
             self.late_frames += 1
             self.underrun_samples += restart - self._end
+            self.largest_gap_samples = max(self.largest_gap_samples, restart - self._end)
             position = restart
         else:
             position = self._end

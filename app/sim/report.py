@@ -49,6 +49,7 @@ class CallReport(BaseModel):
     )
     late_fraction: float | None = Field(None, description="late_frames / frames_in")
     underrun_ms: float = Field(0, description="total length of the gaps the late payloads caused")
+    largest_gap_ms: float = Field(0, description="the longest single gap the caller heard (0: none)")
     jitter_ms: float = Field(description="the playout buffer of the model above")
     playout_delay_ms_mean: float | None = Field(None, description="arrival -> playback, mean over payloads")
     playout_delay_ms_max: float | None = Field(None, description="arrival -> playback, worst payload")

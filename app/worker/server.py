@@ -6,6 +6,14 @@ into a slot (or `Error` unknown_persona / busy, then close), then streams caller
 exactly one 80 ms PCM16 frame each) and receives one bot frame per caller frame plus `Text`. `End`
 answers the frames still queued, sends `Ended` and closes; a dropped socket frees the slot at once.
 The worker registers in Redis at start, heartbeats with its used slot count and unregisters at exit.
+
+Drain (SIGTERM, or `POST /admin/drain` with the worker token): the worker says `draining` in its
+heartbeat at once (no gateway routes a new call here), answers a new `Start` with
+`Error(shutting_down)` (the gateway tries another worker), and sends every live session `Move`: the
+gateway resumes the call on another worker, then ends this session. Once no session is left, or
+after `worker_drain_grace_s`, the server exits (the sessions still here then get
+`Error(shutting_down)`). uvicorn's own SIGTERM handling is replaced by this (`WorkerServer`);
+SIGINT (or a second SIGTERM) still stops at once.
 """
 
 from __future__ import annotations
@@ -13,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import signal
 import socket
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
@@ -32,6 +43,7 @@ from app.protocol import (
     End,
     Ended,
     Error,
+    Move,
     ProtocolError,
     Ready,
     Start,
@@ -92,33 +104,43 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
         policy=context_policy(settings, runtime),
     )
 
+    drain = Drain(settings.worker_drain_grace_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis, embedded = await connect_redis(settings)
         store = CallStore(redis)
         engine.start()
         heartbeat: asyncio.Task[None] | None = None
+        draining: asyncio.Task[None] | None = None
         stopping = asyncio.Event()
+
+        async def beat() -> None:
+            await store.heartbeat(
+                worker_id,
+                engine.scheduler.stats().used,
+                url=settings.resolved_worker_url,
+                max_slots=runtime.max_slots,
+                heartbeat_s=settings.worker_heartbeat_s,
+                draining=drain.draining,
+            )
+
         try:
-            await store.register_worker(worker_id, settings.resolved_worker_url, runtime.max_slots)
+            await store.register_worker(
+                worker_id, settings.resolved_worker_url, runtime.max_slots, heartbeat_s=settings.worker_heartbeat_s
+            )
             logger.info(
                 "worker %s registered at %s with %d slots", worker_id, settings.resolved_worker_url, runtime.max_slots
             )
-            heartbeat = asyncio.create_task(
-                _heartbeat(
-                    store,
-                    engine,
-                    worker_id,
-                    settings.worker_heartbeat_s,
-                    stopping,
-                    url=settings.resolved_worker_url,
-                    max_slots=runtime.max_slots,
-                )
-            )
+            heartbeat = asyncio.create_task(_heartbeat(beat, worker_id, settings.worker_heartbeat_s, stopping))
+            draining = asyncio.create_task(drain.run(beat))
             app.state.store = store
             yield
         finally:
             stopping.set()
+            if draining is not None and not draining.done():
+                draining.cancel()
+                await asyncio.gather(draining, return_exceptions=True)
             if heartbeat is not None:
                 try:  # a heartbeat in flight may finish; one stuck on Redis is cancelled
                     await asyncio.wait_for(heartbeat, settings.worker_heartbeat_s + 5.0)
@@ -137,6 +159,7 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.runtime = runtime
+    app.state.drain = drain
 
     @app.websocket(SESSION_PATH)
     async def session(ws: WebSocket) -> None:
@@ -147,7 +170,23 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
             await ws.close(code=CLOSE_POLICY)  # before accept: the client gets HTTP 403
             return
         await ws.accept()
-        await _Session(ws, engine, metrics).run()
+        call = _Session(ws, engine, metrics, drain)
+        drain.add(call)
+        try:
+            await call.run()
+        finally:
+            drain.discard(call)
+
+    @app.post("/admin/drain", status_code=202)
+    async def admin_drain(request: Request) -> JSONResponse:
+        """Start draining (see the module docstring); idempotent."""
+        if not _authorized(request.headers.get("authorization"), settings.worker_token):
+            return JSONResponse({"error": "unauthorized"}, status_code=403)
+        started = drain.request("admin")
+        return JSONResponse(
+            {"draining": True, "started": started, "sessions": len(drain.sessions), "grace_s": drain.grace_s},
+            status_code=202,
+        )
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -156,6 +195,7 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
         body = {
             "status": "ok" if ticks.running else "engine_stopped",
             "worker_id": worker_id,
+            "draining": drain.draining,
             "url": settings.resolved_worker_url,
             "model": {
                 "kind": runtime.kind,
@@ -195,16 +235,9 @@ def _authorized(header: str | None, token: str) -> bool:
 
 
 async def _heartbeat(
-    store: CallStore,
-    engine: Engine,
-    worker_id: str,
-    every_s: float,
-    stopping: asyncio.Event,
-    *,
-    url: str,
-    max_slots: int,
+    beat: Callable[[], Awaitable[None]], worker_id: str, every_s: float, stopping: asyncio.Event
 ) -> None:
-    """Every `every_s` seconds: this worker is alive with this many slots in use (until `stopping`)."""
+    """Every `every_s` seconds: this worker is alive (slots in use, draining) until `stopping`."""
     while not stopping.is_set():
         try:
             await asyncio.wait_for(stopping.wait(), every_s)
@@ -212,9 +245,71 @@ async def _heartbeat(
         except TimeoutError:
             pass
         try:
-            await store.heartbeat(worker_id, engine.scheduler.stats().used, url=url, max_slots=max_slots)
+            await beat()
         except (RedisError, OSError) as exc:
             logger.warning("heartbeat of worker %s failed: %s", worker_id, exc)
+
+
+class Drain:
+    """The worker's drain (module docstring): requested once; `done` once no session is left or
+    the grace period is over, then `on_done` (set by `WorkerServer`: the server exits)."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.sessions: set[_Session] = set()
+        self.reason = ""
+        self.on_done: Callable[[], None] | None = None
+        self.done = asyncio.Event()
+        self._requested = asyncio.Event()
+        self._left = asyncio.Event()  # a session left
+
+    @property
+    def draining(self) -> bool:
+        return self._requested.is_set()
+
+    def request(self, reason: str) -> bool:
+        """Start draining; False if already draining."""
+        if self.draining:
+            return False
+        self.reason = reason
+        self._requested.set()
+        return True
+
+    def add(self, session: _Session) -> None:
+        self.sessions.add(session)
+
+    def discard(self, session: _Session) -> None:
+        self.sessions.discard(session)
+        self._left.set()
+
+    async def run(self, beat: Callable[[], Awaitable[None]]) -> None:
+        """Wait for a request, then drain: say so in the registry, ask every session to move, wait."""
+        await self._requested.wait()
+        started = time.monotonic()
+        logger.warning(
+            "draining (%s): %d sessions to move, exiting when none is left or in %.0f s",
+            self.reason, len(self.sessions), self.grace_s,
+        )
+        try:
+            await beat()  # at once, not at the next heartbeat: no gateway routes a new call here
+        except (RedisError, OSError) as exc:
+            logger.warning("could not record the drain in redis (the next heartbeat will): %s", exc)
+        for session in list(self.sessions):
+            await session.move(self.reason)
+        deadline = started + self.grace_s
+        while self.sessions and time.monotonic() < deadline:
+            self._left.clear()
+            try:
+                await asyncio.wait_for(self._left.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        if self.sessions:
+            logger.warning("drain grace over with %d sessions left: they end now", len(self.sessions))
+        else:
+            logger.info("drained in %.1f s: no session left", time.monotonic() - started)
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 class _Outbox:
@@ -255,22 +350,46 @@ class _Outbox:
 class _Session:
     """One call on WS /v1/session."""
 
-    def __init__(self, ws: WebSocket, engine: Engine, metrics: WorkerMetrics) -> None:
+    def __init__(self, ws: WebSocket, engine: Engine, metrics: WorkerMetrics, drain: Drain) -> None:
         self.ws = ws
         self.engine = engine
         self.metrics = metrics
+        self.drain = drain
         self.outbox = _Outbox(asyncio.get_running_loop(), metrics)
         self.lease: Lease | None = None
         self.call_id = "?"
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._ready_sent = False
+        self._moving = False
+
+    async def move(self, reason: str) -> None:
+        """Ask the gateway to move this call elsewhere (once; a session not yet ready is asked
+        right after its Ready)."""
+        if self._moving:
+            return
+        self._moving = True
+        if self._ready_sent:
+            logger.info("call %s: asking the gateway to move it (%s)", self.call_id, reason)
+            await self._send_text(encode(Move(reason=reason)))
 
     async def run(self) -> None:
         sender: asyncio.Task[None] | None = None
         try:
             start = await self._start()
-            if start is None or not await self._open(start):
+            if start is None:
                 return
+            if self.drain.draining:
+                logger.info("call %s refused: the worker is draining", start.call_id)
+                self.metrics.sessions.labels(outcome="draining").inc()
+                await self._fail(Error(code="shutting_down", message="the worker is draining"))
+                return
+            if not await self._open(start):
+                return
+            self._ready_sent = True
+            if self._moving or self.drain.draining:
+                self._moving = False
+                await self.move(self.drain.reason or "draining")
             sender = asyncio.create_task(self._send_loop())
             ended = await self._receive_loop()
             if ended:
@@ -422,12 +541,35 @@ class _Session:
                 logger.info("call %s: gateway gone while sending (%s)", self.call_id, type(exc).__name__)
 
 
-def run_worker(settings: WorkerSettings, runtime: Runtime | None = None) -> None:
-    """Load the model (unless given) and serve the worker with uvicorn until interrupted."""
-    runtime = runtime if runtime is not None else build_runtime(settings)
+class WorkerServer(uvicorn.Server):
+    """uvicorn whose SIGTERM drains the worker (module docstring) instead of cutting its sessions;
+    the server exits once the drain is done. SIGINT, or a second SIGTERM, stops at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        drain.on_done = self._drained
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.should_exit and not self.drain.draining and self._loop is not None:
+            logger.warning("SIGTERM: draining (again to stop at once)")
+            self._loop.call_soon_threadsafe(self.drain.request, "SIGTERM")
+            return
+        super().handle_exit(sig, frame)
+
+    def _drained(self) -> None:
+        self.should_exit = True
+
+
+def make_server(settings: WorkerSettings, runtime: Runtime) -> WorkerServer:
+    """The worker's app under a WorkerServer on WORKER_HOST:WORKER_PORT."""
     app = create_app(settings, runtime)
-    logger.info("worker %s listening on %s:%d", settings.resolved_worker_id, settings.worker_host, settings.worker_port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.worker_host,
         port=settings.worker_port,
@@ -435,6 +577,15 @@ def run_worker(settings: WorkerSettings, runtime: Runtime | None = None) -> None
         log_level="info",
         timeout_graceful_shutdown=10,
     )
+    return WorkerServer(config, app.state.drain)
+
+
+def run_worker(settings: WorkerSettings, runtime: Runtime | None = None) -> None:
+    """Load the model (unless given) and serve the worker until interrupted or drained."""
+    runtime = runtime if runtime is not None else build_runtime(settings)
+    server = make_server(settings, runtime)
+    logger.info("worker %s listening on %s:%d", settings.resolved_worker_id, settings.worker_host, settings.worker_port)
+    server.run()
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:

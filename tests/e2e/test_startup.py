@@ -44,6 +44,7 @@ def test_a_broken_persona_file_stops_start_up_naming_file_and_field(
 
 
 def _pids(log: Path) -> dict[str, int]:
+    """The latest pid each child was started with."""
     return {m[0]: int(m[1]) for m in re.findall(r"started (\w+) \(pid (\d+)\)", log.read_text(errors="replace"))}
 
 
@@ -90,14 +91,41 @@ def test_up_runs_redis_worker_and_gateway_and_stops_cleanly_on_ctrl_c(tmp_path: 
             process.kill()
 
 
-def test_up_exits_non_zero_when_a_child_dies(tmp_path: Path) -> None:
+def test_up_restarts_a_dead_worker_and_keeps_serving(tmp_path: Path) -> None:
+    process, log, gateway = _start_up(tmp_path)
+    try:
+        first = _pids(log)["worker"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (_pids(log).get("worker") == first or not _ready(gateway)) and time.monotonic() < deadline:
+            assert process.poll() is None, tail(log)  # `up` itself keeps running
+            time.sleep(0.2)
+        text = log.read_text(errors="replace")
+        assert "worker exited" in text and "starting it again" in text, tail(log)
+        assert _pids(log)["worker"] != first and _alive(_pids(log)["worker"]), tail(log)
+        assert _ready(gateway), tail(log)  # the new worker registered: calls can be taken again
+        assert process.poll() is None
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+
+
+def test_up_exits_non_zero_when_the_gateway_dies(tmp_path: Path) -> None:
     process, log, _ = _start_up(tmp_path)
     try:
         pids = _pids(log)
-        os.kill(pids["worker"], signal.SIGKILL)
+        os.kill(pids["gateway"], signal.SIGKILL)
         assert process.wait(timeout=60) != 0, tail(log)
-        assert "worker exited" in log.read_text()
-        assert not _alive(pids["gateway"])
+        assert "gateway exited" in log.read_text()
+        assert not _alive(pids["worker"])
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _ready(gateway: str) -> bool:
+    try:
+        return httpx.get(f"{gateway}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

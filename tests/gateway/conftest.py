@@ -47,6 +47,7 @@ class GatewayServer:
             "worker_token": TOKEN,
             "personas_dir": REPO / "personas",
             "worker_connect_timeout_s": 3.0,
+            "worker_failover_timeout_s": 1.0,
         }
         values.update(overrides)
         self.settings = GatewaySettings(**values)

@@ -25,7 +25,14 @@ async def test_healthz_and_readyz_follow_redis_and_workers(
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=3)
     ready = await http.get(f"{gateway.base}/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "redis": True, "live_workers": 1, "free_slots": 3}
+    assert ready.json() == {
+        "ready": True, "redis": True, "live_workers": 1, "routable_workers": 1, "draining_workers": 0, "free_slots": 3
+    }
+    # A draining worker is alive but takes no new call: not ready for one.
+    await store.heartbeat(fake_worker.worker_id, 0, url=fake_worker.url, max_slots=3, draining=True)
+    draining = await http.get(f"{gateway.base}/readyz")
+    assert draining.status_code == 503 and draining.json()["reason"] == "no routable worker"
+    assert draining.json()["draining_workers"] == 1
 
 
 async def test_metrics_count_calls_by_status(

@@ -16,7 +16,7 @@ from app.callstate import CallStore
 from app.personas import PersonaBook, load_personas
 from tests.gateway.conftest import REPO, GatewayServer, statuses, wait_for_end
 from tests.gateway.twilio_fake import MediaStream, Twiml, parse_twiml, post_signed, tone, voice_params
-from tests.pipecat.fake_worker import FakeWorker
+from tests.pipecat.fake_worker import FakeWorker, FakeWorkerThread
 
 pytestmark = pytest.mark.asyncio
 
@@ -263,7 +263,42 @@ async def test_losing_the_worker_fails_the_call_with_worker_lost(
     record = await wait_for_end(store, call_sid)
     assert (record.status, record.end_reason) == ("failed", "worker_lost")
     assert "worker connection lost" in (record.error or "")
-    assert await store.free_slots() == 1
+    (info,) = await store.workers()
+    assert info.reserved == 0 and info.suspect  # the slot is back; no new call goes there for a while
+    # Twilio asks the <Connect action> next: the caller hears an apology, then the call hangs up.
+    params = {"AccountSid": "AC" + "1" * 32, "CallSid": call_sid}
+    after = await post_signed(http, twiml.connect_action or "", params)
+    assert "<Say>" in after.text and "lost" in after.text and "<Hangup" in after.text
+
+
+async def test_a_lost_worker_hands_the_call_to_another_and_the_record_stays_active(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient
+) -> None:
+    with (
+        FakeWorkerThread(FakeWorker(worker_id="fake-a", drop_after=8)) as a,
+        FakeWorkerThread(FakeWorker(worker_id="fake-b")) as b,
+    ):
+        await store.register_worker("fake-a", a.url, max_slots=2)  # most free slots: the call starts here
+        await store.register_worker("fake-b", b.url, max_slots=1)
+        gateway = gateway_factory(worker_failover_timeout_s=3.0)
+        call_sid = new_call_sid()
+        twiml, stream = await answer(http, gateway, call_sid)
+        await stream.play(tone(2.0))
+        heard = len(stream.media)
+        await stream.stop()
+        record = await wait_for_end(store, call_sid)
+        assert b.starts and b.starts[0].resume is not None  # fake-b took the call over with its history
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    assert record.worker_id == "fake-b" and record.worker_changes == 1
+    events = await store.events(call_sid)
+    assert statuses(events) == ["ringing", "connecting", "active", "completed"]  # active all along
+    (changed,) = [e for e in events if e["type"] == "worker_changed"]
+    assert (changed["old_worker"], changed["new_worker"], changed["reason"]) == ("fake-a", "fake-b", "connection_lost")
+    assert float(changed["gap_ms"]) < 1000 and int(changed["next_frame"]) >= 6
+    assert heard >= 0.7 * 100  # 2 s of caller audio, 20 ms media messages back: the bot kept talking
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    assert 'gateway_worker_changes_total{reason="connection_lost"} 1.0' in metrics
+    assert "gateway_worker_change_gap_seconds_count 1.0" in metrics
 
 
 async def test_status_callback_is_recorded_and_completed_ends_an_open_call(

@@ -104,3 +104,21 @@ def test_gateway_entrypoint_refuses_to_run_open(tmp_path: Path) -> None:
     assert "PUBLIC_URL" in refused.stderr and "TWILIO_AUTH_TOKEN" in refused.stderr
     env |= {"PUBLIC_URL": "https://x", "TWILIO_AUTH_TOKEN": "t", "ADMIN_TOKEN": "a"}
     assert subprocess.run([str(script), "true"], env=env, timeout=10).returncode == 0
+
+
+def _seconds(text: str) -> float:
+    """A compose duration such as '45s', '1m30s' or '90' in seconds."""
+    total, units = 0.0, {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", str(text))
+    for value, unit in parts:
+        total += float(value) * units.get(unit or "s", 1)
+    return total
+
+
+def test_the_worker_gets_time_to_drain_before_docker_kills_it() -> None:
+    """`docker compose stop` (SIGTERM) lets the worker move its calls off: grace + uvicorn's 10 s fit."""
+    from app.config import WorkerSettings
+
+    worker = _compose()["services"]["worker"]
+    drain = float(worker["environment"].get("WORKER_DRAIN_GRACE_S", WorkerSettings().worker_drain_grace_s))
+    assert _seconds(worker["stop_grace_period"]) >= drain + 10

@@ -1,8 +1,15 @@
 """A small stand-in for `WS /v1/session` speaking app/protocol.py, for gateway and service tests.
 
-It answers Start with Ready, every caller frame with one bot frame (an echo of the caller's frame
-by default), sends a Text every `text_every` frames, and answers End with Ended. Knobs make it
-refuse, stall/burst, or drop the connection without a close.
+It answers Start with Ready (seed, next_frame), every caller frame with one bot frame
+(`protocol.pack_bot_frame`: an echo of the caller's frame by default, plus the tokens of the call
+frame the step completed), sends a Text every `text_every` frames, and answers End with Ended.
+A resumed Start (`Start.resume`) continues the call's frame numbering at `resume.next_frame`.
+
+Its tokens are easy to check: complete call frame i is 17 times the value `frame_token(i)`, so the
+answer to caller frame j carries `frame_token(j - 1)` (none for j = 0), on whichever worker.
+
+Knobs make it refuse, stall/burst, drop the connection without a close, ask to move the call
+(`move_after`), or die like a killed process (`kill`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -22,6 +30,22 @@ from app import protocol
 logger = logging.getLogger(__name__)
 
 TOKEN = "test-worker-token"
+DEFAULT_SEED = 4242
+
+
+def frame_token(index: int) -> int:
+    """The value every token of complete call frame `index` has (fits int16, never -1)."""
+    return index % 30_000
+
+
+@dataclass
+class FakeSession:
+    """What one session on the fake saw."""
+
+    start: protocol.Start
+    next_frame: int  # call frame index of its first caller frame
+    frames: list[bytes] = field(default_factory=list)  # caller frames received, in order
+    ended: protocol.End | None = None
 
 
 @dataclass
@@ -34,12 +58,16 @@ class FakeWorker:
     refuse: str | None = None  # an Error code to answer Start with
     hold_frames: int = 0  # hold this many replies, then send them in one burst
     drop_after: int | None = None  # abort the TCP connection after this many caller frames
+    move_after: int | None = None  # send Move after this many caller frames of a session
+    seed: int = DEFAULT_SEED  # Ready.seed when Start.sampling has none
 
     starts: list[protocol.Start] = field(default_factory=list)
     ends: list[protocol.End] = field(default_factory=list)
+    sessions: list[FakeSession] = field(default_factory=list)
     frames_in: int = 0
     frames_out: int = 0
     _server: Server | None = None
+    _connections: set[ServerConnection] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -56,6 +84,13 @@ class FakeWorker:
             self._server.close()
             await self._server.wait_closed()
 
+    async def kill(self) -> None:
+        """Die like `kill -9`: every connection cut without a close, no new one accepted."""
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        for ws in list(self._connections):
+            ws.transport.abort()
+
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path != protocol.SESSION_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
@@ -64,6 +99,7 @@ class FakeWorker:
         return None
 
     async def _session(self, ws: ServerConnection) -> None:
+        self._connections.add(ws)
         try:
             start = protocol.decode_client(await ws.recv())
             if not isinstance(start, protocol.Start):
@@ -73,14 +109,26 @@ class FakeWorker:
             if self.refuse:
                 await ws.send(protocol.encode(protocol.Error(code=self.refuse, message="refused by the fake")))
                 return
+            next_frame = start.resume.next_frame if start.resume is not None else 0
+            if start.resume is not None:
+                start.resume.tokens()  # a malformed resume fails the test loudly here
+                start.resume.warm_pcm()
+            session = FakeSession(start=start, next_frame=next_frame)
+            self.sessions.append(session)
             await asyncio.sleep(self.prefill_ms / 1000)
-            ready = protocol.Ready(call_id=start.call_id, worker_id=self.worker_id, slot=0, prefill_ms=self.prefill_ms)
+            seed = start.sampling.seed if start.sampling.seed is not None else self.seed
+            ready = protocol.Ready(
+                call_id=start.call_id, worker_id=self.worker_id, slot=0, prefill_ms=self.prefill_ms,
+                seed=seed, next_frame=next_frame,
+            )
             await ws.send(protocol.encode(ready))
-            await self._stream(ws)
+            await self._stream(ws, session)
         except ConnectionClosed:
             pass
+        finally:
+            self._connections.discard(ws)
 
-    async def _stream(self, ws: ServerConnection) -> None:
+    async def _stream(self, ws: ServerConnection, session: FakeSession) -> None:
         held: list[bytes] = []
         count = 0
         async for message in ws:
@@ -88,24 +136,31 @@ class FakeWorker:
                 end = protocol.decode_client(message)
                 if isinstance(end, protocol.End):
                     self.ends.append(end)
+                    session.ended = end
                     ended = protocol.Ended(reason=end.reason, frames_in=count, frames_out=self.frames_out)
                     await ws.send(protocol.encode(ended))
                     return
                 continue
             protocol.check_frame(message)
+            index = session.next_frame + count  # the call frame this step answers
             count += 1
             self.frames_in += 1
+            session.frames.append(message)
             if self.drop_after is not None and count >= self.drop_after:
                 ws.transport.abort()
                 return
-            held.append(message if self.echo else bytes(protocol.FRAME_BYTES))
+            tokens = np.full(protocol.TOKENS_PER_FRAME, frame_token(index - 1)) if index else None
+            pcm = message if self.echo else bytes(protocol.FRAME_BYTES)
+            held.append(protocol.pack_bot_frame(pcm, tokens))
             if len(held) >= max(self.hold_frames, 1):
                 for reply in held:
                     await ws.send(reply)
                     self.frames_out += 1
                 held.clear()
             if self.text_every and count % self.text_every == 0:
-                await ws.send(protocol.encode(protocol.Text(text=f" word{count}", frame=count)))
+                await ws.send(protocol.encode(protocol.Text(text=f" word{index + 1}", frame=count - 1)))
+            if self.move_after is not None and count == self.move_after:
+                await ws.send(protocol.encode(protocol.Move(reason="draining")))
 
 
 class FakeWorkerThread:
@@ -120,6 +175,10 @@ class FakeWorkerThread:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.worker.start(), self._loop).result(timeout=10)
         return self.worker
+
+    def kill(self) -> None:
+        """FakeWorker.kill on the fake's own loop."""
+        asyncio.run_coroutine_threadsafe(self.worker.kill(), self._loop).result(timeout=10)
 
     def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.worker.stop(), self._loop).result(timeout=10)

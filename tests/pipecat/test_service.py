@@ -17,6 +17,7 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
 from app.callstate import CallStore, Reservation
+from app.gateway.routing import RedisRouter
 from app.pipecat.service import PersonaPlexService
 from tests.pipecat.fake_worker import TOKEN, FakeWorker
 
@@ -108,7 +109,9 @@ async def test_reserves_through_redis_and_end_frame_releases_the_slot(
     fake_worker: FakeWorker, store: CallStore
 ) -> None:
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
-    service = PersonaPlexService(call_id="call-2", persona="general-assistant", worker_token=TOKEN, store=store)
+    service = PersonaPlexService(
+        call_id="call-2", persona="general-assistant", worker_token=TOKEN, router=RedisRouter(store, suspect_s=5)
+    )
     free_while_active: list[int] = []
 
     @service.event_handler("on_ready")
@@ -128,7 +131,10 @@ async def test_worker_connection_loss_is_an_error_frame_and_frees_the_slot(
 ) -> None:
     fake_worker.drop_after = 3
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
-    service = PersonaPlexService(call_id="call-3", persona="general-assistant", worker_token=TOKEN, store=store)
+    service = PersonaPlexService(
+        call_id="call-3", persona="general-assistant", worker_token=TOKEN,
+        router=RedisRouter(store, suspect_s=5), failover_timeout_s=0.5,
+    )
     ended: list[tuple[str, str]] = []
 
     @service.event_handler("on_session_ended")
@@ -140,13 +146,18 @@ async def test_worker_connection_loss_is_an_error_frame_and_frees_the_slot(
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "worker connection lost" in errors[0].error
     assert service.end_reason == "worker_lost" and ended[0][0] == "worker_lost"
+    assert "no worker could take the call over" in errors[0].error  # the only worker is gone
     assert not service.is_usable
-    assert await store.free_slots() == 1
+    (info,) = await store.workers()
+    assert info.reserved == 0 and await store.redis.get("cc:reservation:call-3") is None  # slot released
+    assert info.suspect and await store.free_slots() == 0  # no new call goes there for a while
 
 
 @pytest.mark.asyncio
 async def test_no_free_slot_is_an_error_frame_with_reason_busy(store: CallStore) -> None:
-    service = PersonaPlexService(call_id="call-4", persona="general-assistant", worker_token=TOKEN, store=store)
+    service = PersonaPlexService(
+        call_id="call-4", persona="general-assistant", worker_token=TOKEN, router=RedisRouter(store, suspect_s=5)
+    )
     _, up = await run_test(service, frames_to_send=[SleepFrame(0.2)], pipeline_params=PARAMS)
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "no worker has a free slot" in errors[0].error
