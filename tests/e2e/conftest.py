@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -123,10 +124,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0)).shutdown(save=False)
 
 
-@pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`callcenter worker` (8 slots, tiny model) and `callcenter gateway`, as real processes."""
-    tmp = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def running_stack(redis_url: str, tmp: Path, **env_overrides: str) -> Iterator[Stack]:
+    """`callcenter worker` (tiny model, 8 slots unless overridden) and `callcenter gateway` as real
+    processes on free loopback ports, ready to take calls; stopped afterwards."""
     w_port, g_port = free_port(), free_port()
     env = base_env(tmp, redis_url) | {
         "WORKER_HOST": "127.0.0.1",
@@ -136,7 +137,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_PORT": str(g_port),
         "PUBLIC_URL": f"http://127.0.0.1:{g_port}",
-    }
+    } | env_overrides
     worker = Proc.start("worker", ["worker"], env, tmp, tmp / "worker.log")
     gateway = Proc.start("gateway", ["gateway"], env, tmp, tmp / "gateway.log")
     stack = Stack(f"http://127.0.0.1:{g_port}", f"http://127.0.0.1:{w_port}", redis_url, worker, gateway)
@@ -148,6 +149,13 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         gateway.stop()
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`callcenter worker` (8 slots, tiny model) and `callcenter gateway`, as real processes."""
+    with running_stack(redis_url, tmp_path_factory.mktemp("stack")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

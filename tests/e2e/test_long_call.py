@@ -18,37 +18,18 @@ import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.sim import CallOptions, run_call
-from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Proc, Stack, base_env, free_port, tail
+from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Stack, running_stack, tail
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 
 @pytest.fixture(scope="module")
 def long_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("long-stack")
-    w_port, g_port = free_port(), free_port()
-    env = base_env(tmp, redis_url) | {
-        "WORKER_HOST": "127.0.0.1",
-        "WORKER_PORT": str(w_port),
-        "WORKER_ID": f"e2e-long-worker-{w_port}",
-        "WORKER_MAX_SLOTS": "2",
-        "WORKER_CONTEXT": "200",
-        "WORKER_REBUILD_MARGIN_FRAMES": "10",
-        "WORKER_REBUILD_CHUNK_FRAMES": "8",
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(g_port),
-        "PUBLIC_URL": f"http://127.0.0.1:{g_port}",
-    }
-    worker = Proc.start("worker", ["worker"], env, tmp, tmp / "worker.log")
-    gateway = Proc.start("gateway", ["gateway"], env, tmp, tmp / "gateway.log")
-    stack = Stack(f"http://127.0.0.1:{g_port}", f"http://127.0.0.1:{w_port}", redis_url, worker, gateway)
-    try:
-        worker.wait_http(f"{stack.worker_url}/healthz")
-        gateway.wait_http(f"{stack.gateway_url}/readyz")
+    with running_stack(
+        redis_url, tmp_path_factory.mktemp("long-stack"), WORKER_MAX_SLOTS="2", WORKER_CONTEXT="200",
+        WORKER_REBUILD_MARGIN_FRAMES="10", WORKER_REBUILD_CHUNK_FRAMES="8",
+    ) as stack:
         yield stack
-    finally:
-        gateway.stop()
-        worker.stop()
 
 
 @pytest.fixture(scope="module")
