@@ -15,13 +15,11 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from app.config import WorkerSettings
 from app.protocol import End, decode_server, encode
 from app.worker.runtime import Runtime
-from app.worker.server import WorkerServer, bound_socket, make_server
+from app.worker.server import WorkerServer
 
-from .conftest import PERSONAS
-from .test_server import TOKEN, Worker, frame, redis_url, session, start, wait_for  # noqa: F401  (fixture)
+from .test_server import TOKEN, Worker, frame, redis_url, serve, session, start, wait_for  # noqa: F401  (fixture)
 
 
 @dataclass
@@ -41,37 +39,10 @@ class Running:
 
 @contextlib.contextmanager
 def serve_drainable(runtime: Runtime, tmp: Path, redis_url: str, **overrides: object) -> Iterator[Running]:
-    """make_server (the WorkerServer `callcenter worker` runs) in a thread on a free port."""
-    sock = bound_socket("127.0.0.1")
-    port = sock.getsockname()[1]
-    values: dict[str, object] = {
-        "worker_model": runtime.source,
-        "worker_state_dir": tmp / "state",
-        "worker_max_slots": runtime.max_slots,
-        "worker_host": "127.0.0.1",
-        "worker_port": port,
-        "worker_token": TOKEN,
-        "worker_id": f"drain-{port}",
-        "personas_dir": PERSONAS,
-        "redis_url": redis_url,
-        "worker_heartbeat_s": 5.0,  # slow on purpose: the drain must reach the registry by itself
-    }
-    values.update(overrides)
-    settings = WorkerSettings(**values)
-    server = make_server(settings, runtime)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("worker did not start")
-        time.sleep(0.02)
-    try:
-        yield Running(Worker(settings=settings, redis_url=redis_url), server, thread)
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    """The worker's server in a thread; heartbeats slow on purpose: the drain must reach the
+    registry by itself."""
+    with serve(runtime, tmp, redis_url, **({"worker_heartbeat_s": 5.0} | overrides)) as worker:
+        yield Running(worker, worker.server, worker.thread)
 
 
 def _until_move(ws) -> list[str]:

@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -25,7 +24,7 @@ from app.config import WorkerSettings
 from app.protocol import BOT_FRAME_BYTES, FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
 from app.protocol import Sampling as CallSampling
 from app.worker.runtime import Runtime
-from app.worker.server import bound_socket, create_app
+from app.worker.server import WorkerServer, bound_socket, create_app, make_server
 
 from .conftest import PERSONAS
 
@@ -36,6 +35,8 @@ TOKEN = "test-worker-token"
 class Worker:
     settings: WorkerSettings
     redis_url: str
+    server: WorkerServer | None = None  # what `callcenter worker` runs, in `thread`
+    thread: threading.Thread | None = None
 
     @property
     def http(self) -> str:
@@ -62,7 +63,8 @@ async def _workers(url: str) -> list[WorkerInfo]:
 
 @contextlib.contextmanager
 def serve(runtime: Runtime, tmp: Path, redis_url: str, **overrides: object) -> Iterator[Worker]:
-    """Run create_app under uvicorn in a thread on a free loopback port; stop it afterwards."""
+    """Run the worker's server (`make_server`, as `callcenter worker` does) in a thread on a free
+    loopback port; stop it afterwards."""
     sock = bound_socket("127.0.0.1")
     port = sock.getsockname()[1]
     values: dict[str, object] = {
@@ -79,7 +81,7 @@ def serve(runtime: Runtime, tmp: Path, redis_url: str, **overrides: object) -> I
     }
     values.update(overrides)
     settings = WorkerSettings(**values)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), lifespan="on", log_level="warning"))
+    server = make_server(settings, runtime)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -88,7 +90,7 @@ def serve(runtime: Runtime, tmp: Path, redis_url: str, **overrides: object) -> I
             raise RuntimeError("worker did not start")
         time.sleep(0.02)
     try:
-        yield Worker(settings=settings, redis_url=redis_url)
+        yield Worker(settings=settings, redis_url=redis_url, server=server, thread=thread)
     finally:
         server.should_exit = True
         thread.join(20)
