@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import deque
 from typing import Annotated, Literal
 
 import numpy as np
@@ -101,6 +102,44 @@ class Resume(_Message):
             next_frame=next_frame,
             warm_audio=base64.b64encode(warm).decode(),
         )
+
+
+class CallHistory:
+    """A call's complete frames [17] int16 by call frame index: the last `capacity` of them (the
+    worker's engine and the gateway keep one each; `Resume` carries them)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._frames: deque[np.ndarray] = deque(maxlen=capacity)
+        self.completed = 0  # frames 0 .. completed - 1 are complete
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Frame `completed` is complete."""
+        self._frames.append(np.asarray(tokens, dtype=np.int16).reshape(TOKENS_PER_FRAME).copy())
+        self.completed += 1
+
+    def load(self, frames: np.ndarray, completed: int) -> None:
+        """Start from the frames completed - n .. completed - 1 (a call moving in)."""
+        self._frames.clear()
+        for row in frames:
+            self._frames.append(np.asarray(row, dtype=np.int16).copy())
+        self.completed = completed
+
+    @property
+    def capacity(self) -> int:
+        return self._frames.maxlen or 0
+
+    @property
+    def first(self) -> int:
+        """Index of the oldest frame kept."""
+        return self.completed - len(self._frames)
+
+    def span(self, start: int, stop: int) -> np.ndarray:
+        """Frames start .. stop - 1 as int16 [n, 17]; they must be kept."""
+        if not self.first <= start <= stop <= self.completed:
+            raise IndexError(f"frames {start}..{stop - 1} not kept (kept {self.first}..{self.completed - 1})")
+        if stop == start:
+            return np.zeros((0, TOKENS_PER_FRAME), dtype=np.int16)
+        return np.stack([self._frames[i - self.first] for i in range(start, stop)])
 
 
 class Start(_Message):

@@ -144,15 +144,19 @@ class CallTape:
     """
 
     def __init__(self, *, max_frames: int = protocol.MAX_RESUME_FRAMES, caller_frames: int) -> None:
-        self._tokens = np.zeros((max_frames, protocol.TOKENS_PER_FRAME), dtype="<i2")  # [max_frames, 17] ring
+        self.history = protocol.CallHistory(max_frames)  # the complete frames
         self._caller: deque[bytes] = deque(maxlen=caller_frames)  # caller frames sent - len .. sent - 1
-        self.completed = 0  # complete frames known
         self.sent = 0  # caller frames sent (the index of the next one)
         self.answered = 0  # caller frames whose answer was pushed toward the caller
 
     @property
+    def completed(self) -> int:
+        """Complete frames known."""
+        return self.history.completed
+
+    @property
     def max_frames(self) -> int:
-        return self._tokens.shape[0]
+        return self.history.capacity
 
     def add_caller(self, pcm: bytes) -> int:
         """Caller frame `sent` (PCM16, one 80 ms frame) was taken for sending; returns its index."""
@@ -170,13 +174,11 @@ class CallTape:
     def add_answer(self, index: int, tokens: np.ndarray | None) -> None:
         """The answer to caller frame `index` arrived, with the tokens of complete frame index - 1."""
         if tokens is not None and index - 1 == self.completed:
-            self._tokens[self.completed % self.max_frames] = tokens
-            self.completed += 1
+            self.history.add(tokens)
 
     def frames(self) -> np.ndarray:
         """[n, 17] int16: the last n = min(completed, max_frames) complete frames, oldest first."""
-        n = min(self.completed, self.max_frames)
-        return self._tokens[np.arange(self.completed - n, self.completed) % self.max_frames]
+        return self.history.span(self.history.first, self.completed)
 
     def resume(self) -> protocol.Resume:
         """Start.resume for a worker taking the call over at frame `completed`."""

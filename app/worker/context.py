@@ -19,19 +19,18 @@ prefill frames after it. The engine does that in two places:
   fit (then the slot is exactly the one the call left: same offsets, same samples), else the last
   `keep`.
 
-`CallHistory` keeps a call's complete frames on the host, at most one context's worth.
+`protocol.CallHistory` keeps a call's complete frames on the host, at most one context's worth.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from app.protocol import TOKENS_PER_FRAME
+from app.protocol import CallHistory
 from app.worker.model.lm import PersonaPlexLM
 from app.worker.model.lm_state import SlotState
 
@@ -62,39 +61,6 @@ class ContextPolicy:
 
     def due(self, offset: int) -> bool:
         return offset >= self.limit - self.margin
-
-
-class CallHistory:
-    """A call's complete frames [17] int16 by call frame index: the last `capacity` of them."""
-
-    def __init__(self, capacity: int) -> None:
-        self._frames: deque[np.ndarray] = deque(maxlen=capacity)
-        self.completed = 0  # frames 0 .. completed - 1 are complete
-
-    def add(self, tokens: np.ndarray) -> None:
-        """Frame `completed` is complete."""
-        self._frames.append(np.asarray(tokens, dtype=np.int16).reshape(TOKENS_PER_FRAME).copy())
-        self.completed += 1
-
-    def load(self, frames: np.ndarray, completed: int) -> None:
-        """Start from the frames completed - n .. completed - 1 (a call moving in)."""
-        self._frames.clear()
-        for row in frames:
-            self._frames.append(np.asarray(row, dtype=np.int16).copy())
-        self.completed = completed
-
-    @property
-    def first(self) -> int:
-        """Index of the oldest frame kept."""
-        return self.completed - len(self._frames)
-
-    def span(self, start: int, stop: int) -> np.ndarray:
-        """Frames start .. stop - 1 as int16 [n, 17]; they must be kept."""
-        if not self.first <= start <= stop <= self.completed:
-            raise IndexError(f"frames {start}..{stop - 1} not kept (kept {self.first}..{self.completed - 1})")
-        if stop == start:
-            return np.zeros((0, TOKENS_PER_FRAME), dtype=np.int16)
-        return np.stack([self._frames[i - self.first] for i in range(start, stop)])
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ in this thread. Ticks follow a monotonic grid: an overrun is logged and counted,
 at once, and missed grid points are skipped rather than caught up in a burst.
 
 Each bot frame carries the tokens of the call frame its step completed (`protocol.pack_bot_frame`);
-the engine keeps them too (`context.CallHistory`), rebuilds a long call's context before its
+the engine keeps them too (`protocol.CallHistory`), rebuilds a long call's context before its
 persona prompt would leave the attention window, and rebuilds a call moving in from another worker
 from the frames it brings (`context.py`).
 
@@ -29,8 +29,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Ended, Error, Ready, Resume, Sampling, Text, pack_bot_frame
-from app.worker.context import AGENT, CALLER, CallHistory, ContextPolicy, RebuildJob, RebuildReport
+from app.protocol import (
+    FRAME_SAMPLES,
+    FRAME_SECONDS,
+    CallHistory,
+    Ended,
+    Error,
+    Ready,
+    Resume,
+    Sampling,
+    Text,
+    pack_bot_frame,
+)
+from app.worker.context import AGENT, CALLER, ContextPolicy, RebuildJob, RebuildReport
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
 from app.worker.scheduler import Join, Lease, Release, Scheduler

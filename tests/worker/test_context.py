@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from app.config import WorkerSettings
-from app.protocol import Ready, Resume, Sampling, unpack_bot_frame
-from app.worker.context import CallHistory, ContextPolicy, RebuildJob, frames_tensor
+from app.protocol import CallHistory, Ready, Resume, Sampling, unpack_bot_frame
+from app.worker.context import ContextPolicy, frames_tensor
 from app.worker.engine import Engine
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, build_runtime
