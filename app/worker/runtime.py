@@ -35,6 +35,7 @@ from app.config import WorkerSettings
 from app.personas import Persona, PersonaBook, load_personas
 from app.protocol import FRAME_SAMPLES, Sampling
 from app.worker import persona_cache
+from app.worker.context import frames_tensor
 from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts, tiny
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig, PersonaPlexLM
@@ -128,8 +129,7 @@ class Runtime:
     @torch.inference_mode()
     def prefill_slot(self, slot: int, frames: np.ndarray) -> None:
         """Run a call's given frames (int16 [n, 17]) in `slot` after what it holds, in one prefill."""
-        tokens = torch.as_tensor(np.asarray(frames, dtype=np.int64)).T.contiguous()  # [17, n]
-        self.lm.prefill_frames(slot, tokens.to(self.device))
+        self.lm.prefill_frames(slot, frames_tensor(np.asarray(frames), self.device))
 
     @torch.inference_mode()
     def warm_codec(self, slot: int, agent_codes: np.ndarray, caller_pcm: np.ndarray) -> None:
