@@ -12,6 +12,8 @@ Keys (all under the `cc:` prefix):
     cc:worker:{id}:suspect  string  set (short TTL) by a gateway that failed to connect to the worker
                                     or lost a session on it: no new calls go there meanwhile
     cc:reservation:{call}   string  the worker holding the call's slot
+    cc:gateways             set     registered gateway ids (one per gateway process)
+    cc:gateway:{id}         hash    heartbeat_at, heartbeat_s, started_at
 
 Every status change is one Lua script: the lifecycle is checked, the record and its timestamp
 written, the event appended and the active index updated, atomically. Slot reservation is one
@@ -19,6 +21,11 @@ script too: it picks the routable worker (heartbeat fresh, not draining, not sus
 by the caller) with the most free slots, and moves a call's reservation there when the call moves.
 A worker's heartbeat has lapsed once it is older than two of its heartbeat periods plus a second
 (at most `heartbeat_ttl_s`): one missed beat and it gets no new call.
+
+Records never stay open (`reap`, run by every live gateway): a record whose gateway stopped
+heartbeating (GATEWAY_LAPSE_PERIODS of its periods, at least GATEWAY_LAPSE_MIN_S) ends
+failed/gateway_lost, a `ringing` one whose media stream never came ends failed/error, a
+`transferring` one that Twilio never confirmed ends failed/error; their slots are released.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class EndReason(StrEnum):
     WORKER_LOST = "worker_lost"
     ERROR = "error"
     BUSY = "busy"
+    GATEWAY_LOST = "gateway_lost"  # the gateway running the call stopped heartbeating
 
 
 TERMINAL = frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.REJECTED})
@@ -87,6 +95,7 @@ class CallRecord(BaseModel):
     to_number: str | None = None
     twilio_call_sid: str | None = None
     stream_sid: str | None = None
+    gateway_id: str | None = None  # the gateway process running the call (its media session)
     worker_id: str | None = None
     slot: int | None = None
     end_reason: EndReason | None = None
@@ -140,6 +149,25 @@ class WorkerInfo(BaseModel):
     def routable(self) -> bool:
         """New calls may go here: alive, not draining, not marked suspect."""
         return self.alive and not self.draining and not self.suspect
+
+
+GATEWAY_LAPSE_PERIODS = 4
+GATEWAY_LAPSE_MIN_S = 10.0
+
+
+def gateway_lapse_s(every_s: float) -> float:
+    """Age after which a gateway's heartbeat has lapsed. Longer than a worker's: ending a live
+    gateway's calls by mistake is worse than ending a dead one's a few seconds later."""
+    return max(GATEWAY_LAPSE_PERIODS * every_s, GATEWAY_LAPSE_MIN_S)
+
+
+class Reaped(BaseModel):
+    """A record `reap` ended."""
+
+    call_id: str
+    was: CallStatus
+    end_reason: EndReason
+    error: str
 
 
 def heartbeat_limit(ttl_s: float, every_s: float | None) -> float:
@@ -364,6 +392,29 @@ async def connect_redis(settings: RedisSettings) -> tuple[aioredis.Redis, Embedd
     return client, embedded
 
 
+def _verdict(
+    status: CallStatus,
+    owner: str | None,
+    live: set[str],
+    now: float,
+    ringing_at: float,
+    transferring_at: float,
+    stream_timeout_s: float,
+    transfer_timeout_s: float,
+) -> tuple[EndReason, str] | None:
+    """How `reap` ends an open record, or None to leave it."""
+    if status == CallStatus.RINGING:
+        if now - ringing_at > stream_timeout_s:
+            return EndReason.ERROR, f"no media stream within {stream_timeout_s:.0f} s of the webhook"
+        return None
+    if owner not in live:
+        who = f"gateway {owner}" if owner else "the gateway (unrecorded)"
+        return EndReason.GATEWAY_LOST, f"{who} running the call stopped heartbeating"
+    if status == CallStatus.TRANSFERRING and now - transferring_at > transfer_timeout_s:
+        return EndReason.ERROR, f"twilio did not ask for the transfer within {transfer_timeout_s:.0f} s"
+    return None
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, StrEnum):
         return value.value
@@ -375,8 +426,18 @@ def _encode(value: Any) -> str:
 class CallStore:
     """All call-state operations; safe to share between tasks of one event loop."""
 
-    def __init__(self, redis: aioredis.Redis, *, heartbeat_ttl_s: float = 10.0, stale_reservation_s: float = 6 * 3600) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        heartbeat_ttl_s: float = 10.0,
+        stale_reservation_s: float = 6 * 3600,
+        gateway_id: str | None = None,
+    ) -> None:
+        """gateway_id: the gateway process using this store; it is written as the owner of the
+        records it creates and of the calls whose media stream it starts (-> connecting)."""
         self.redis = redis
+        self.gateway_id = gateway_id
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.stale_reservation_s = stale_reservation_s
         self._transition = redis.register_script(_TRANSITION)
@@ -408,6 +469,7 @@ class CallStore:
             from_number=from_number,
             to_number=to_number,
             twilio_call_sid=twilio_call_sid,
+            gateway_id=self.gateway_id,
             created_at=now,
             ringing_at=now,
         )
@@ -434,6 +496,8 @@ class CallStore:
     ) -> CallRecord:
         """Move a call to `status` if the lifecycle allows it; returns the updated record."""
         status = CallStatus(status)
+        if status == CallStatus.CONNECTING and self.gateway_id is not None:
+            fields.setdefault("gateway_id", self.gateway_id)  # the stream's gateway runs the call
         allowed_from = [s.value for s, targets in ALLOWED.items() if status in targets]
         extra = self._fields(fields)
         if error is not None:
@@ -525,6 +589,71 @@ class CallStore:
         records = [r for r in [await self.get_call(i) for i in ids] if r is not None]
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
+
+    # --------------------------------------------------------------------------- gateways
+    async def gateway_heartbeat(self, gateway_id: str, heartbeat_s: float) -> None:
+        """The gateway process `gateway_id` is alive (registers it on the first beat)."""
+        now = repr(time.time())
+        key = f"{PREFIX}gateway:{gateway_id}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "started_at", now)
+            pipe.hset(key, mapping={"heartbeat_at": now, "heartbeat_s": heartbeat_s})
+            pipe.sadd(f"{PREFIX}gateways", gateway_id)
+            await pipe.execute()
+
+    async def unregister_gateway(self, gateway_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(f"{PREFIX}gateways", gateway_id)
+            pipe.delete(f"{PREFIX}gateway:{gateway_id}")
+            await pipe.execute()
+
+    async def live_gateways(self) -> set[str]:
+        """Registered gateways whose heartbeat has not lapsed."""
+        now = time.time()
+        ids = sorted(await self.redis.smembers(f"{PREFIX}gateways"))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gateway_id in ids:
+                pipe.hmget(f"{PREFIX}gateway:{gateway_id}", ["heartbeat_at", "heartbeat_s"])
+            beats = await pipe.execute()
+        live = set()
+        for gateway_id, (at, every) in zip(ids, beats):
+            if at is not None and now - float(at) <= gateway_lapse_s(float(every or 0)):
+                live.add(gateway_id)
+        return live
+
+    async def reap(self, *, stream_timeout_s: float, transfer_timeout_s: float) -> list[Reaped]:
+        """End the records nobody will end (module docstring) and release their slots.
+
+        Safe to run on every gateway at once: each end is one atomic transition, a record
+        ended meanwhile by someone else is left as they ended it.
+        """
+        now = time.time()
+        live = await self.live_gateways()
+        if self.gateway_id is not None:
+            live.add(self.gateway_id)  # this process is alive whatever Redis says of it
+        ids = sorted(await self.redis.smembers(f"{PREFIX}calls:active"))
+        wanted = ["status", "gateway_id", "ringing_at", "transferring_at", "created_at"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call_id in ids:
+                pipe.hmget(self._key(call_id), wanted)
+            rows = await pipe.execute()
+        reaped: list[Reaped] = []
+        for call_id, (status, owner, ringing_at, transferring_at, created_at) in zip(ids, rows):
+            if status is None:
+                await self.redis.srem(f"{PREFIX}calls:active", call_id)  # an index entry without a record
+                continue
+            verdict = _verdict(
+                CallStatus(status), owner, live, now,
+                float(ringing_at or created_at or now), float(transferring_at or now),
+                stream_timeout_s, transfer_timeout_s,
+            )
+            if verdict is None:
+                continue
+            reason, error = verdict
+            if await self.end_call(call_id, CallStatus.FAILED, reason, error=error) is not None:
+                reaped.append(Reaped(call_id=call_id, was=CallStatus(status), end_reason=reason, error=error))
+            await self.release_slot(call_id)
+        return reaped
 
     # ---------------------------------------------------------------------------- workers
     async def register_worker(

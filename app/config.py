@@ -126,6 +126,22 @@ class GatewaySettings(RedisSettings):
     worker_heartbeat_check_s: float = Field(
         default=1.0, ge=0, description="how often a call checks its worker's heartbeat (0: never)",
     )
+    gateway_id: str | None = Field(
+        default=None, description="name of this gateway in Redis (default: the hostname); each process adds a "
+        "unique suffix",
+    )
+    gateway_heartbeat_s: float = Field(default=3.0, gt=0, description="how often the gateway says it is alive")
+    gateway_reap_s: float = Field(
+        default=5.0, gt=0, description="how often the gateway ends records nobody will end (a dead gateway's, "
+        "a stream that never came)",
+    )
+    stream_timeout_s: float = Field(
+        default=15.0, gt=0, description="a webhook's call whose media stream has not started this long ends "
+        "failed and frees its slot",
+    )
+    transfer_timeout_s: float = Field(
+        default=60.0, gt=0, description="a call in transferring that Twilio has not asked to dial this long ends failed",
+    )
     webrtc_ice_servers: list[str] = Field(
         default=[],
         description='softphone STUN/TURN URLs, JSON list: ["stun:stun.example.com:3478", "turn:turn.example.com"]',

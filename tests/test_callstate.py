@@ -290,3 +290,88 @@ async def test_a_missed_heartbeat_stops_new_calls_at_once(store: CallStore, redi
     assert await store.reserve_slot("late") is None
     assert [w.alive for w in await store.workers()] == [False]
     assert not await store.worker_lapsed("never-registered")  # unknown is not known dead
+
+
+async def test_records_of_a_gateway_that_stopped_heartbeating_end_gateway_lost_and_free_their_slots(
+    redis_client,
+) -> None:
+    dead = CallStore(redis_client, gateway_id="gw-dead")
+    alive = CallStore(redis_client, gateway_id="gw-alive")
+    await alive.register_worker("w", "ws://127.0.0.1:1", max_slots=4)
+    await dead.gateway_heartbeat("gw-dead", heartbeat_s=1.0)
+    await alive.gateway_heartbeat("gw-alive", heartbeat_s=1.0)
+    for store, call_id, status in [
+        (dead, "d-active", CallStatus.ACTIVE), (dead, "d-connecting", CallStatus.CONNECTING),
+        (alive, "a-active", CallStatus.ACTIVE),
+    ]:
+        await store.create_call(call_id, channel="twilio", persona="p")
+        assert await store.reserve_slot(call_id) is not None
+        await store.transition(call_id, CallStatus.CONNECTING)
+        if status == CallStatus.ACTIVE:
+            await store.transition(call_id, CallStatus.ACTIVE)
+    assert (await dead.get_call("d-active")).gateway_id == "gw-dead"
+
+    assert await alive.reap(stream_timeout_s=60, transfer_timeout_s=60) == []  # both gateways beat
+    await redis_client.hset("cc:gateway:gw-dead", "heartbeat_at", repr(time.time() - 11))  # lapsed
+    reaped = await alive.reap(stream_timeout_s=60, transfer_timeout_s=60)
+
+    assert sorted((r.call_id, r.was, r.end_reason) for r in reaped) == [
+        ("d-active", CallStatus.ACTIVE, EndReason.GATEWAY_LOST),
+        ("d-connecting", CallStatus.CONNECTING, EndReason.GATEWAY_LOST),
+    ]
+    record = await alive.get_call("d-active")
+    assert record.status == CallStatus.FAILED and "gw-dead" in record.error
+    assert (await alive.get_call("a-active")).status == CallStatus.ACTIVE
+    (worker,) = await alive.workers()
+    assert worker.reserved == 1  # only the live gateway's call still holds a slot
+    assert await alive.reap(stream_timeout_s=60, transfer_timeout_s=60) == []  # idempotent
+
+
+async def test_a_record_whose_gateway_never_registered_is_lost_but_this_gateways_own_are_kept(redis_client) -> None:
+    """A gateway that died before its first heartbeat reached Redis still gets its calls ended;
+    the reaping gateway never ends its own, even if Redis lost its heartbeat."""
+    ghost = CallStore(redis_client, gateway_id="gw-ghost")
+    me = CallStore(redis_client, gateway_id="gw-me")
+    for store, call_id in [(ghost, "g"), (me, "m")]:
+        await store.create_call(call_id, channel="twilio", persona="p")
+        await store.transition(call_id, CallStatus.CONNECTING)
+    reaped = await me.reap(stream_timeout_s=60, transfer_timeout_s=60)
+    assert [(r.call_id, r.end_reason) for r in reaped] == [("g", EndReason.GATEWAY_LOST)]
+    assert (await me.get_call("m")).status == CallStatus.CONNECTING
+
+
+async def test_a_ringing_record_whose_stream_never_came_ends_and_releases_its_reservation(redis_client) -> None:
+    store = CallStore(redis_client, gateway_id="gw")
+    await store.register_worker("w", "ws://127.0.0.1:1", max_slots=1)
+    await store.create_call("early", channel="twilio", persona="p")
+    assert await store.reserve_slot("early") is not None
+    assert await store.free_slots() == 0
+    assert await store.reap(stream_timeout_s=5, transfer_timeout_s=60) == []  # still within the timeout
+
+    await redis_client.hset("cc:call:early", "ringing_at", repr(time.time() - 6))
+    (reaped,) = await store.reap(stream_timeout_s=5, transfer_timeout_s=60)
+    assert (reaped.call_id, reaped.was, reaped.end_reason) == ("early", CallStatus.RINGING, EndReason.ERROR)
+    assert "no media stream" in (await store.get_call("early")).error
+    assert await store.free_slots() == 1
+
+
+async def test_a_transfer_twilio_never_asked_for_ends_failed(redis_client) -> None:
+    store = CallStore(redis_client, gateway_id="gw")
+    await store.create_call("t", channel="twilio", persona="p")
+    await store.transition("t", CallStatus.CONNECTING)
+    await store.transition("t", CallStatus.ACTIVE)
+    await store.transition("t", CallStatus.TRANSFERRING)
+    assert await store.reap(stream_timeout_s=5, transfer_timeout_s=30) == []
+    await redis_client.hset("cc:call:t", "transferring_at", repr(time.time() - 31))
+    (reaped,) = await store.reap(stream_timeout_s=5, transfer_timeout_s=30)
+    assert (reaped.call_id, reaped.end_reason) == ("t", EndReason.ERROR)
+    assert (await store.get_call("t")).status == CallStatus.FAILED
+
+
+async def test_a_gateway_unregistered_at_shutdown_is_no_longer_live(redis_client) -> None:
+    store = CallStore(redis_client)
+    await store.gateway_heartbeat("gw-1", heartbeat_s=2.0)
+    await store.gateway_heartbeat("gw-2", heartbeat_s=2.0)
+    assert await store.live_gateways() == {"gw-1", "gw-2"}
+    await store.unregister_gateway("gw-1")
+    assert await store.live_gateways() == {"gw-2"}

