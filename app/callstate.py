@@ -397,19 +397,26 @@ def _verdict(
     owner: str | None,
     live: set[str],
     now: float,
+    created_at: float,
     ringing_at: float,
     transferring_at: float,
     stream_timeout_s: float,
     transfer_timeout_s: float,
+    unowned_after_s: float,
 ) -> tuple[EndReason, str] | None:
     """How `reap` ends an open record, or None to leave it."""
     if status == CallStatus.RINGING:
         if now - ringing_at > stream_timeout_s:
             return EndReason.ERROR, f"no media stream within {stream_timeout_s:.0f} s of the webhook"
         return None
+    if owner is None:
+        # Written by a gateway from before owners were recorded (a rolling upgrade may still be
+        # running it): only a record older than any call could be is known to be orphaned.
+        if now - created_at > unowned_after_s:
+            return EndReason.GATEWAY_LOST, f"open for {(now - created_at) / 3600:.1f} h with no gateway recorded"
+        return None
     if owner not in live:
-        who = f"gateway {owner}" if owner else "the gateway (unrecorded)"
-        return EndReason.GATEWAY_LOST, f"{who} running the call stopped heartbeating"
+        return EndReason.GATEWAY_LOST, f"gateway {owner} running the call stopped heartbeating"
     if status == CallStatus.TRANSFERRING and now - transferring_at > transfer_timeout_s:
         return EndReason.ERROR, f"twilio did not ask for the transfer within {transfer_timeout_s:.0f} s"
     return None
@@ -642,10 +649,10 @@ class CallStore:
             if status is None:
                 await self.redis.srem(f"{PREFIX}calls:active", call_id)  # an index entry without a record
                 continue
+            created = float(created_at or now)
             verdict = _verdict(
-                CallStatus(status), owner, live, now,
-                float(ringing_at or created_at or now), float(transferring_at or now),
-                stream_timeout_s, transfer_timeout_s,
+                CallStatus(status), owner, live, now, created, float(ringing_at or created),
+                float(transferring_at or now), stream_timeout_s, transfer_timeout_s, self.stale_reservation_s,
             )
             if verdict is None:
                 continue

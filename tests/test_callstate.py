@@ -329,15 +329,21 @@ async def test_records_of_a_gateway_that_stopped_heartbeating_end_gateway_lost_a
 
 async def test_a_record_whose_gateway_never_registered_is_lost_but_this_gateways_own_are_kept(redis_client) -> None:
     """A gateway that died before its first heartbeat reached Redis still gets its calls ended;
-    the reaping gateway never ends its own, even if Redis lost its heartbeat."""
+    the reaping gateway never ends its own, even if Redis lost its heartbeat; a record with no
+    gateway recorded (written before owners were) ends only once older than any call can be."""
     ghost = CallStore(redis_client, gateway_id="gw-ghost")
-    me = CallStore(redis_client, gateway_id="gw-me")
-    for store, call_id in [(ghost, "g"), (me, "m")]:
+    me = CallStore(redis_client, gateway_id="gw-me", stale_reservation_s=3600)
+    legacy = CallStore(redis_client)
+    for store, call_id in [(ghost, "g"), (me, "m"), (legacy, "old"), (legacy, "older")]:
         await store.create_call(call_id, channel="twilio", persona="p")
         await store.transition(call_id, CallStatus.CONNECTING)
+    await redis_client.hset("cc:call:older", "created_at", repr(time.time() - 3601))
     reaped = await me.reap(stream_timeout_s=60, transfer_timeout_s=60)
-    assert [(r.call_id, r.end_reason) for r in reaped] == [("g", EndReason.GATEWAY_LOST)]
+    assert sorted((r.call_id, r.end_reason) for r in reaped) == [
+        ("g", EndReason.GATEWAY_LOST), ("older", EndReason.GATEWAY_LOST),
+    ]
     assert (await me.get_call("m")).status == CallStatus.CONNECTING
+    assert (await me.get_call("old")).status == CallStatus.CONNECTING
 
 
 async def test_a_ringing_record_whose_stream_never_came_ends_and_releases_its_reservation(redis_client) -> None:

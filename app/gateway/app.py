@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from app.callstate import CallStore, EndReason, connect_redis
 from app.config import GatewaySettings
@@ -65,11 +67,23 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
                 embedded.close()
 
     app = FastAPI(title="callcenter gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_exception_handler(RedisError, _call_state_unavailable)
     app.include_router(twilio.build_router())
     app.include_router(admin.build_router())
     app.include_router(ops.build_router())
     app.include_router(webrtc.build_router())
     return app
+
+
+async def _call_state_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A request that needed Redis while it is unreachable: 503 with a clear message, no traceback
+    (logged once per LOG_EVERY_S by the writer and the upkeep, here at info)."""
+    logger.info("%s %s: call state unavailable: %r", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"error": "call_state_unavailable", "message": "call state (Redis) is unreachable right now; try again"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def _warn_about(settings: GatewaySettings, book: PersonaBook) -> None:

@@ -5,15 +5,23 @@ A call's slot is reserved atomically in Redis (`CallStore.reserve_slot`): on a r
 moving away from. A worker this gateway could not connect to, or lost a session on, is marked
 suspect for `suspect_s`: no gateway sends it a new call meanwhile (a restarted worker clears the
 mark when it registers).
+
+While Redis is unreachable a worker's heartbeat cannot be read: `lapsed` says False (the call's
+own connection still tells a dead worker) and logs that once per LOG_EVERY_S for the gateway.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+
+from redis.exceptions import RedisError
 
 from app.callstate import CallStore, Reservation
 
 logger = logging.getLogger(__name__)
+
+LOG_EVERY_S = 30.0
 
 
 class RedisRouter:
@@ -22,6 +30,7 @@ class RedisRouter:
     def __init__(self, store: CallStore, *, suspect_s: float) -> None:
         self.store = store
         self.suspect_s = suspect_s
+        self._lapse_unknown_logged_at: float | None = None
 
     async def reserve(self, call_id: str, avoid: frozenset[str]) -> Reservation | None:
         return await self.store.reserve_slot(call_id, exclude=sorted(avoid))
@@ -34,4 +43,13 @@ class RedisRouter:
         await self.store.mark_suspect(worker_id, self.suspect_s, detail)
 
     async def lapsed(self, worker_id: str) -> bool:
-        return await self.store.worker_lapsed(worker_id)
+        try:
+            lapsed = await self.store.worker_lapsed(worker_id)
+        except (RedisError, OSError) as exc:
+            now = time.monotonic()
+            if self._lapse_unknown_logged_at is None or now - self._lapse_unknown_logged_at >= LOG_EVERY_S:
+                self._lapse_unknown_logged_at = now
+                logger.warning("workers' heartbeats cannot be read (redis unreachable: %r); calls go on", exc)
+            return False
+        self._lapse_unknown_logged_at = None
+        return lapsed

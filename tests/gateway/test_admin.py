@@ -60,3 +60,36 @@ async def test_admin_api_is_disabled_without_admin_token(
     response = await http.get(f"{gateway.base}/api/calls", headers=ADMIN)
     assert response.status_code == 503
     assert "ADMIN_TOKEN" in response.json()["detail"]
+
+
+async def test_admin_api_answers_503_with_a_clear_message_while_redis_is_unreachable(
+    tmp_path, http: httpx.AsyncClient
+) -> None:
+    import asyncio
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from app.callstate import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "db.rdb")
+    gateway = GatewayServer(server.url).start()
+    try:
+        assert (await http.get(f"{gateway.base}/api/calls", headers=ADMIN)).status_code == 200
+        os.kill(int(Path(server._server.pidfile).read_text().strip()), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.alive(timeout_s=0.2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+        response = await http.get(f"{gateway.base}/api/calls", headers=ADMIN)
+        assert response.status_code == 503
+        assert response.json()["error"] == "call_state_unavailable"
+        assert "Redis" in response.json()["message"] and "Traceback" not in response.text
+        assert (await http.get(f"{gateway.base}/readyz")).status_code == 503
+
+        await asyncio.to_thread(server.restart)
+        assert (await http.get(f"{gateway.base}/api/calls", headers=ADMIN)).status_code == 200
+    finally:
+        gateway.stop()
+        server.close()
