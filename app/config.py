@@ -109,6 +109,10 @@ class GatewaySettings(RedisSettings):
     twilio_auth_token: str | None = Field(default=None, description="checks X-Twilio-Signature when set")
     twilio_account_sid: str | None = None
     admin_token: str | None = Field(default=None, description="Bearer token for /api/calls")
+    stream_token_secret: str | None = Field(
+        default=None, min_length=16, description="key of the per-call media stream tokens (default: derived "
+        "from TWILIO_AUTH_TOKEN); the same on every gateway",
+    )
     worker_token: str = Field(default="dev-worker-token", min_length=8)
     overflow_number: str | None = Field(default=None, description="dialled when no worker has a free slot")
     personas_dir: Path = Path("personas")

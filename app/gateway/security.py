@@ -1,15 +1,23 @@
-"""Request authentication: Twilio's X-Twilio-Signature and the admin bearer token.
+"""Request authentication: Twilio's X-Twilio-Signature, per-call stream tokens, the admin bearer token.
 
 Twilio signs the URL it requested (the public one, so `PUBLIC_URL` must be set behind a proxy or
 tunnel) plus the sorted POST parameters. For the media stream it signs the WebSocket upgrade: the
 `wss://` URL from the TwiML `<Stream url>` with no parameters (the `https://` spelling of the same
 URL is accepted too).
+
+That signature is the same for every call (the URL has no per-call part), so on its own a captured
+upgrade would open streams forever. The webhook therefore hands each call a stream token, an HMAC
+of the call id (`StreamTokens`), as a `<Parameter>`; the stream is accepted only with the token of
+a call the webhook created, and only while that record is still ringing (once).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,6 +94,36 @@ class TwilioSignatures:
             urls[0],
         )
         return False
+
+
+class StreamTokens:
+    """Per-call tokens for the media stream: HMAC-SHA256 of the call id under a gateway secret.
+
+    The secret is STREAM_TOKEN_SECRET, else derived from TWILIO_AUTH_TOKEN (every gateway of a
+    deployment shares it, so a stream may land on any of them), else random for this process
+    (development: streams only work on the gateway that answered the webhook).
+    """
+
+    TOKEN_CHARS = 43  # 256 bits, URL-safe base64 without padding
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        if settings.stream_token_secret:
+            key = settings.stream_token_secret.encode()
+        elif settings.twilio_auth_token:
+            key = hmac.new(settings.twilio_auth_token.encode(), b"callcenter stream token v1", hashlib.sha256).digest()
+        else:
+            key = secrets.token_bytes(32)
+            logger.warning("neither STREAM_TOKEN_SECRET nor TWILIO_AUTH_TOKEN is set: stream tokens are per process")
+        self._key = key
+
+    def issue(self, call_id: str) -> str:
+        digest = hmac.new(self._key, call_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def check(self, call_id: str, token: str | None) -> bool:
+        if not token or len(token) != self.TOKEN_CHARS:
+            return False
+        return hmac.compare_digest(self.issue(call_id).encode(), token.encode())
 
 
 def _http_scheme(url: URL) -> str:
