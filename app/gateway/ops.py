@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -13,35 +14,49 @@ from app.gateway.state import gateway_state
 
 logger = logging.getLogger(__name__)
 
+LOG_EVERY_S = 30.0  # a probe polled every second while Redis is down logs it once per this
+
 
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-async def readyz(request: Request) -> JSONResponse:
-    """Ready to take calls: Redis answers and at least one worker is routable (alive, not
-    draining, not suspect)."""
-    store = gateway_state(request).store
-    try:
-        await store.redis.ping()
-        workers = await store.workers()
-    except (RedisError, OSError) as exc:
-        logger.warning("readyz: redis unreachable: %r", exc)
-        return JSONResponse({"ready": False, "redis": False, "reason": f"redis unreachable: {exc}"}, status_code=503)
-    routable = [w for w in workers if w.routable]
-    free = sum(max(w.max_slots - w.reserved, 0) for w in routable)
-    body = {
-        "ready": bool(routable),
-        "redis": True,
-        "live_workers": sum(w.alive for w in workers),
-        "routable_workers": len(routable),
-        "draining_workers": sum(w.alive and w.draining for w in workers),
-        "free_slots": free,
-    }
-    if not routable:
-        body["reason"] = "no routable worker" if any(w.alive for w in workers) else "no live worker"
-    return JSONResponse(body, status_code=200 if routable else 503)
+class Readiness:
+    """GET /readyz: Redis answers and at least one worker is routable (alive, not draining, not
+    suspect). While Redis is down (a probe polls every second or so) that is logged once per
+    LOG_EVERY_S."""
+
+    def __init__(self) -> None:
+        self._logged_at: float | None = None
+
+    async def readyz(self, request: Request) -> JSONResponse:
+        store = gateway_state(request).store
+        try:
+            await store.redis.ping()
+            workers = await store.workers()
+        except (RedisError, OSError) as exc:
+            now = time.monotonic()
+            if self._logged_at is None or now - self._logged_at >= LOG_EVERY_S:
+                self._logged_at = now
+                logger.warning("readyz: redis unreachable: %r (said once per %.0f s)", exc, LOG_EVERY_S)
+            return JSONResponse(
+                {"ready": False, "redis": False, "reason": f"redis unreachable: {exc}"}, status_code=503
+            )
+        self._logged_at = None
+        routable = [w for w in workers if w.routable]
+        free = sum(max(w.max_slots - w.reserved, 0) for w in routable)
+        body = {
+            "ready": bool(routable),
+            "redis": True,
+            "live_workers": sum(w.alive for w in workers),
+            "routable_workers": len(routable),
+            "draining_workers": sum(w.alive and w.draining for w in workers),
+            "free_slots": free,
+        }
+        if not routable:
+            body["reason"] = "no routable worker" if any(w.alive for w in workers) else "no live worker"
+        return JSONResponse(body, status_code=200 if routable else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -53,6 +68,6 @@ def build_router() -> APIRouter:
     """GET /healthz, /readyz and /metrics."""
     router = APIRouter(tags=["ops"])
     router.add_api_route("/healthz", healthz, methods=["GET"])
-    router.add_api_route("/readyz", readyz, methods=["GET"])
+    router.add_api_route("/readyz", Readiness().readyz, methods=["GET"])
     router.add_api_route("/metrics", metrics, methods=["GET"])
     return router
