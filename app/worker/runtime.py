@@ -36,7 +36,7 @@ from app.personas import Persona, PersonaBook, load_personas
 from app.protocol import FRAME_SAMPLES, Sampling
 from app.worker import persona_cache
 from app.worker.context import frames_tensor
-from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts, tiny
+from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts, sampling, tiny
 from app.worker.model.errors import CheckpointError
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.lm_state import SlotState
@@ -312,6 +312,7 @@ def runtime_from_models(
     names the weights in the cache key. `build_runtime` calls this with the loaded checkpoint, the
     bench with random weights, a synthetic persona and a stand-in tokenizer.
     """
+    set_sampling_widths(lm, book)
     role_tokens: dict[str, list[int]] = {}
     voices: dict[str, prompts.Voice] = {}
     states: dict[str, SlotState] = {}
@@ -353,6 +354,20 @@ def runtime_from_models(
         prompt_states=states,
         prompt_ms=prompt_ms,
         prompt_cached=cached,
+    )
+
+
+def set_sampling_widths(lm: PersonaPlexLM, book: PersonaBook) -> None:
+    """Static top-k candidate widths from the personas served (and the model's defaults): a step
+    draws noise for that many candidates per row instead of the whole vocabulary."""
+    cfg = lm.cfg
+    personas = list(book.personas.values())
+    text = sampling.candidate_width([p.sampling.text_top_k for p in personas] + [cfg.default_top_k_text], cfg.text_vocab)
+    audio = sampling.candidate_width([p.sampling.audio_top_k for p in personas] + [cfg.default_top_k_audio], cfg.card)
+    lm.sampling.set_widths(text, audio)
+    logger.info(
+        "sampling: %s text candidates, %s audio candidates per step",
+        text if text is not None else f"all {cfg.text_vocab}", audio if audio is not None else f"all {cfg.card}",
     )
 
 

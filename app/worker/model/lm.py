@@ -497,10 +497,16 @@ class PersonaPlexLM(nn.Module):
 
         text_logits = self.text_head(out).float()  # [S, Vt]
         key = sampling.step_key(params.seed_key, o)  # [S]: this step's RNG key of each row, for every stream
-        text_noise = sampling.gumbel_from_keys(sampling.stream_key(key, 0), params.text_token_hash)  # [S, Vt]
-        sampled_text = sampling.sample(
-            text_logits, params.temp_text, params.top_k_text, params.seed, o, 0, noise=text_noise
-        )
+        if params.text_width is not None:
+            sampled_text = sampling.sample_candidates(
+                text_logits, params.temp_text, params.top_k_text, sampling.stream_key(key, 0),
+                params.text_token_hash, params.text_width,
+            )
+        else:
+            text_noise = sampling.gumbel_from_keys(sampling.stream_key(key, 0), params.text_token_hash)  # [S, Vt]
+            sampled_text = sampling.sample(
+                text_logits, params.temp_text, params.top_k_text, params.seed, o, 0, noise=text_noise
+            )
         prev = torch.where(prov[:, 0], target[:, 0], sampled_text)
 
         hd = cfg.depformer_num_heads
@@ -511,12 +517,18 @@ class PersonaPlexLM(nn.Module):
         audio_tokens, audio_logits = [], []
         steps = torch.arange(1, p + 1, device=dev)  # the depformer steps' sampling streams
         dep_keys = sampling.stream_key(key[:, None], steps)  # [S, P]
-        noise = sampling.gumbel_from_keys(dep_keys, params.audio_token_hash)  # [S, P, card], one go
+        width = params.audio_width
+        noise = None if width is not None else sampling.gumbel_from_keys(dep_keys, params.audio_token_hash)
         for k in range(p):
             logits = self.depformer.step(k, out, prev, kv)  # [S, card]
-            tok = sampling.sample(
-                logits, params.temp_audio, params.top_k_audio, params.seed, o, 1 + k, noise=noise[:, k]
-            )
+            if width is not None:
+                tok = sampling.sample_candidates(
+                    logits, params.temp_audio, params.top_k_audio, dep_keys[:, k], params.audio_token_hash, width
+                )
+            else:  # noise [S, P, card], made in one go
+                tok = sampling.sample(
+                    logits, params.temp_audio, params.top_k_audio, params.seed, o, 1 + k, noise=noise[:, k]
+                )
             prev = torch.where(prov[:, 1 + k], target[:, 1 + k], tok)
             audio_tokens.append(tok)
             if return_logits:

@@ -245,6 +245,16 @@ class SamplingParams(SlotStateful):
         self.register_buffer("seed_key", torch.empty(s, **long), persistent=False)
         self.register_buffer("text_token_hash", torch.empty(cfg.text_vocab, **long), persistent=False)
         self.register_buffer("audio_token_hash", torch.empty(cfg.card, **long), persistent=False)
+        self.text_width: int | None = None  # static candidate widths (`set_widths`); None: whole vocabulary
+        self.audio_width: int | None = None
+
+    def set_widths(self, text: int | None, audio: int | None) -> None:
+        """The static candidate widths of text and audio sampling (`sampling.candidate_width`; None:
+        the whole vocabulary). Set before the tick is compiled or captured; rows' top-k must fit."""
+        for name, width, vocab in (("text", text, self.cfg.text_vocab), ("audio", audio, self.cfg.card)):
+            if width is not None and not 1 <= width < vocab:
+                raise ValueError(f"{name} sampling width must be in [1, {vocab}), got {width}")
+        self.text_width, self.audio_width = text, audio
 
     def init_constants(self) -> None:
         self.text_token_hash.copy_(sampling.token_hashes(self.cfg.text_vocab, self.seed.device))
@@ -271,5 +281,10 @@ class SamplingParams(SlotStateful):
             v = torch.as_tensor(value, dtype=buf.dtype, device=buf.device)
             if v.dim() != 0 and v.shape != buf.shape:
                 raise ValueError(f"sampling value must be a scalar or shape {tuple(buf.shape)}, got {tuple(v.shape)}")
+            width = {"top_k_text": self.text_width, "top_k_audio": self.audio_width}.get(name)
+            if width is not None:
+                chosen = v if v.dim() == 0 else v[mask]
+                if bool(((chosen <= 0) | (chosen > width)).any()):  # a host sync: between ticks only
+                    raise ValueError(f"{name} must be in [1, {width}] on this worker (its sampling width)")
             buf.copy_(torch.where(mask, v, buf))
         self.seed_key.copy_(sampling.seed_key(self.seed))

@@ -783,3 +783,19 @@ def test_rms_norm_is_the_official_float32_formula(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, official, rtol=step, atol=step)
     if dtype != torch.float32:  # after the cast back, the order shows in (almost) no element
         assert (got != official).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.9])
+def test_static_candidate_widths_step_exactly_the_same_tokens(temp):
+    """Sampling with static top-k widths (noise for the candidates only) says what the
+    whole-vocabulary path says, step after step, for the same seed and caller."""
+    gen = torch.Generator().manual_seed(9)
+    m = 24
+    user = torch.randint(0, CFG.card, (8, m), generator=gen)
+    whole = _run_call(make_model(max_slots=2), 1, user, 123, temp, 0, m)
+    model = make_model(max_slots=2)
+    model.sampling.set_widths(CFG.default_top_k_text, CFG.default_top_k_audio)
+    fast = _run_call(model, 1, user, 123, temp, 0, m)
+    for a, b in zip(whole, fast):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert sum(bool(a[2]) for a in whole) == m - 2

@@ -163,3 +163,52 @@ def test_the_lm_seed_key_follows_every_seed_change():
     lm.reset([1])
     assert int(lm.sampling.seed[1]) != 12345 and torch.equal(lm.sampling.seed_key, sampling.seed_key(lm.sampling.seed))
     assert torch.equal(lm.sampling.text_token_hash, sampling.token_hashes(lm.cfg.text_vocab, "cpu"))
+
+
+def test_candidate_sampling_draws_the_same_tokens_as_the_whole_vocabulary():
+    """Noise only for the top-`width` candidates, same (key, id) -> same uniform: same tokens, for
+    every row's own k <= width and temperature (greedy included), text and audio sized vocabularies."""
+    gen = torch.Generator().manual_seed(11)
+    for vocab, width in ((32000, 25), (2048, 250), (2048, 1)):
+        n = 96
+        logits = torch.randn(n, vocab, generator=gen) * 3
+        top_k = torch.randint(1, width + 1, (n,), generator=gen)
+        temperature = torch.rand(n, generator=gen) * 1.2
+        temperature[::7] = 0.0  # greedy rows
+        seed = torch.randint(0, 2**40, (n,), generator=gen)
+        offset = torch.randint(1, 5000, (n,), generator=gen)
+        hashes = sampling.token_hashes(vocab, "cpu")
+        for stream in (0, 3):
+            keys = sampling.row_keys(seed, offset, stream)
+            full = sampling.sample(logits, temperature, top_k, seed, offset, stream)
+            fast = sampling.sample_candidates(logits, temperature, top_k, keys, hashes, width)
+            assert torch.equal(full, fast), (vocab, width, stream)
+
+
+def test_candidate_width_is_the_largest_top_k_or_none_when_a_row_needs_every_token():
+    assert sampling.candidate_width([25, 10, 25], 32000) == 25
+    assert sampling.candidate_width([250, 0], 2048) is None  # top-k 0: no filter
+    assert sampling.candidate_width([2048], 2048) is None  # k >= vocabulary: no filter
+    assert sampling.candidate_width([], 2048) is None
+
+
+def test_a_row_whose_top_k_does_not_fit_the_width_is_refused():
+    import pytest
+
+    from app.worker.model.lm import LMConfig
+    from app.worker.model.lm_state import SamplingParams
+
+    cfg = LMConfig.tiny()
+    params = SamplingParams(cfg, 3)
+    params.init_constants()
+    params.reset_slots(torch.ones(3, dtype=torch.bool))
+    params.set_widths(25, 250)
+    mask = torch.tensor([False, True, False])
+    params.set(mask, top_k_text=20, top_k_audio=250)
+    assert params.top_k_text.tolist()[1] == 20
+    for bad in ({"top_k_text": 26}, {"top_k_audio": 0}, {"top_k_text": torch.tensor([1, 99, 1])}):
+        with pytest.raises(ValueError, match="sampling width"):
+            params.set(mask, **bad)
+    params.set(mask, top_k_text=torch.tensor([99, 5, 99]))  # only the masked rows must fit
+    with pytest.raises(ValueError, match="width"):
+        params.set_widths(cfg.text_vocab, 250)
