@@ -25,6 +25,7 @@ from app.gateway import admin, ops, twilio, webrtc
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
 from app.gateway.security import TwilioSignatures
+from app.gateway.serializer import MAX_WS_MESSAGE_BYTES
 from app.gateway.state import GatewayState
 from app.gateway.upkeep import Upkeep, instance_id
 from app.personas import PersonaBook, load_personas
@@ -129,6 +130,9 @@ def make_server(settings: GatewaySettings, app: FastAPI | None = None) -> Gatewa
         host=settings.gateway_host,
         port=settings.gateway_port,
         ws="websockets-sansio",
+        # 64 KiB, not uvicorn's 16 MiB: Twilio's largest message (`start`) is a few KB; a bigger one
+        # closes its own stream with 1009 before its payload is read (websockets-sansio honours it)
+        ws_max_size=MAX_WS_MESSAGE_BYTES,
         lifespan="on",
         log_config=None,
         proxy_headers=True,

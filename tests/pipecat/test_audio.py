@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from app.pipecat.audio import FrameResampler, float_to_pcm16, pcm16_mono
+from tests.pipecat.reference_resampler import ReferenceResampler
 
 
 def tone(freq: float, seconds: float, rate: int, level: float = 0.5) -> np.ndarray:
@@ -84,3 +87,46 @@ def test_pcm16_helpers() -> None:
     assert np.frombuffer(float_to_pcm16(np.array([40000.0, -40000.0, 1.4])), dtype="<i2").tolist() == [32767, -32768, 1]
     with pytest.raises(ValueError):
         FrameResampler(0, 8000)
+
+
+@pytest.mark.parametrize(
+    ("in_rate", "out_rate", "frame"),
+    [
+        (8000, 24000, 160),  # caller -> model, 20 ms messages
+        (24000, 8000, 1920),  # model -> caller, 80 ms frames
+        (24000, 24000, 1920),  # the softphone: 1:1
+        (8000, 8000, 160),
+        (16000, 24000, 320),  # several branches per phase
+        (44100, 24000, 441),  # an unusual ratio (L*M = 11 760): the gathered-block path
+    ],
+)
+def test_streaming_output_equals_the_original_implementation(in_rate: int, out_rate: int, frame: int) -> None:
+    new, old = FrameResampler(in_rate, out_rate), ReferenceResampler(in_rate, out_rate)
+    assert (new.in_rate, new.out_rate, new.delay_s) == (old.in_rate, old.out_rate, old.delay_s)
+    rng = np.random.default_rng(in_rate + out_rate)
+    sizes = [frame] * 5 + list(rng.integers(0, 3 * frame, 200)) + [0, 1, 2, 7 * frame + 3]  # random chunking
+    total = 0
+    for n in sizes:
+        x = rng.standard_normal(int(n)) * 8000
+        assert new.output_length(len(x)) == old.output_length(len(x))
+        y, reference = new.process(x), old.process(x)
+        assert y.dtype == np.float64 and len(y) == len(reference)
+        np.testing.assert_allclose(y, reference, rtol=0, atol=1e-9)
+        total += len(y)
+    assert total > 0
+    pcm = (rng.standard_normal(frame) * 8000).astype("<i2").tobytes()  # and through the PCM16 API
+    assert new.process_pcm16(pcm) == float_to_pcm16(old.process(np.frombuffer(pcm, dtype="<i2")))
+
+
+def test_a_huge_frame_costs_memory_in_proportion_to_the_frame_not_to_frame_times_taps() -> None:
+    x = np.zeros(80_000)  # 10 s at 8 kHz in one call (the original built [240000, 49] index arrays)
+    up, down = FrameResampler(8000, 24000), FrameResampler(24000, 8000)
+    tracemalloc.start()
+    try:
+        wide = up.process(x)
+        narrow = down.process(wide)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(wide) == 240_000 and len(narrow) == 80_000
+    assert peak < 8 * wide.nbytes  # 15 MB (it takes ~9 MB); the original peaked at ~290 MB
