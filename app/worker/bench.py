@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from app.personas import Persona, PersonaBook
 from app.protocol import FRAME_SAMPLES, FRAME_SECONDS, Error, Ready, Sampling
 from app.worker import persona_cache
+from app.worker.call import Call
 from app.worker.context import ContextPolicy, RebuildReport
 from app.worker.engine import Engine, TickResult, engine_threads
 from app.worker.metrics import WorkerMetrics
@@ -47,7 +48,6 @@ from app.worker.model import prompts, tiny
 from app.worker.model.lm import LMConfig, PersonaPlexLM
 from app.worker.model.mimi import Mimi, MimiConfig
 from app.worker.runtime import Runtime, resolve_device, runtime_from_models
-from app.worker.scheduler import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def run_slots(
                     compile="inductor" if options.compile else None, policy=policy, on_rebuild=rebuilds.append)
     sink = _Sink()
     frames = caller_frames(64, options.seed + slots)
-    calls: list[Lease] = []
+    calls: list[Call] = []
     opened = 0
 
     def churn(t: int) -> None:
@@ -357,13 +357,13 @@ def run_slots(
         if options.churn_every and t and t % options.churn_every == 0 and calls:
             engine.end(calls.pop(0))  # leaves at this step's apply; its slot is free for the next
         while len(calls) < slots:
-            lease = engine.open(f"bench-{slots}-{opened}", PERSONA_ID, Sampling(seed=opened), sink)
-            if lease is None:
+            call = engine.open(f"bench-{slots}-{opened}", PERSONA_ID, Sampling(seed=opened), sink)
+            if call is None:
                 break
-            calls.append(lease)
+            calls.append(call)
             opened += 1
-        for lease in calls:
-            engine.push(lease, frames[t % len(frames)])
+        for call in calls:
+            engine.push(call, frames[t % len(frames)])
 
     ticks: list[TickResult] = []
     steps: list[float] = []
@@ -393,14 +393,14 @@ def run_slots(
         pickups = sink.pickups_ms[pickups_before:] or sink.pickups_ms
         # One more churn, so that the audited step holds exactly one join and a full tick.
         engine.end(calls.pop(0))
-        for lease in calls:
-            engine.push(lease, frames[t % len(frames)])
+        for call in calls:
+            engine.push(call, frames[t % len(frames)])
         engine.step()
         audited = engine.open(f"bench-{slots}-audit", PERSONA_ID, Sampling(seed=opened), sink)
         if audited is None:
             raise RuntimeError(f"{slots} slots: no slot free after a call left")
-        for lease in [*calls, audited]:
-            engine.push(lease, frames[(t + 1) % len(frames)])
+        for call in [*calls, audited]:
+            engine.push(call, frames[(t + 1) % len(frames)])
         audit = _audit_step(engine, device)
     if sink.errors:
         raise RuntimeError(f"{slots} slots: the engine reported {sink.errors[:3]}")

@@ -12,6 +12,10 @@ the engine keeps them too (`protocol.CallHistory`), rebuilds a long call's conte
 persona prompt would leave the attention window, and rebuilds a call moving in from another worker
 from the frames it brings (`context.py`).
 
+A call is one `Call` record (`call.py`): `open` makes it and returns it as the call's handle; the
+scheduler's slot table says which record holds which slot, and the engine keeps its own per-call
+state (history, offset, ...) on the record, so it has no table of calls of its own.
+
 Outputs go to each call's `sink`, called from the engine thread; the server's sink hands them to
 its event loop with `call_soon_threadsafe`. No model work ever runs on an event loop.
 """
@@ -41,16 +45,14 @@ from app.protocol import (
     Text,
     pack_bot_frame,
 )
+from app.worker.call import Call, Output, Sink, SlotPhase
 from app.worker.context import AGENT, CALLER, ContextPolicy, RebuildJob, RebuildReport
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
-from app.worker.scheduler import Join, Lease, Release, Scheduler
+from app.worker.scheduler import Scheduler
 from app.worker.tick import ModelTick
 
 logger = logging.getLogger(__name__)
-
-Output = bytes | Ready | Text | Error | Ended
-Sink = Callable[[Output], None]
 
 _OVERRUN_LOG_EVERY_S = 5.0
 _TICK_HISTORY = 512
@@ -69,23 +71,6 @@ def next_grid_point(deadline: float, now: float, period: float) -> tuple[float, 
         return nxt, None
     behind = now - nxt
     return nxt + (behind // period) * period, behind
-
-
-@dataclass
-class _Call:
-    """Engine-side data of one call (the scheduler's payload)."""
-
-    call_id: str
-    persona_id: str
-    sampling: Sampling
-    sink: Sink
-    history: CallHistory
-    resume: Resume | None = None
-    frames_out: int = 0
-    next_frame: int = 0  # call frame index of the next caller frame this slot steps
-    offset: int = 0  # the slot's LM offset (host mirror): the next step writes KV position offset - 1
-    caller_codes: np.ndarray | None = None  # [8] caller codes of the frame in progress
-    rebuilds: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,7 +139,7 @@ class Engine:
         if self.policy.context != runtime.lm.cfg.context:
             raise ValueError(f"policy for context {self.policy.context}, the model's is {runtime.lm.cfg.context}")
         self._scratch = None  # a one-slot LM over the same weights, made at the first rebuild
-        self._job: tuple[Lease, RebuildJob] | None = None
+        self._job: tuple[Call, RebuildJob] | None = None
         self._no_room_logged: set[str] = set()
         self._on_rebuild = on_rebuild
         self.model_tick = ModelTick(runtime.lm, runtime.mimi, cuda_graph=cuda_graph, compile=compile)
@@ -164,7 +149,6 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.scheduler = Scheduler(runtime.max_slots, max_queue_frames, on_request=self._wake.set)
-        self._calls: dict[int, tuple[Lease, _Call]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _counters
         self._counters = _Counters()
@@ -176,8 +160,9 @@ class Engine:
     # ------------------------------------------------------------------------ calls (any thread)
     def open(
         self, call_id: str, persona_id: str, sampling: Sampling | None, sink: Sink, resume: Resume | None = None
-    ) -> Lease | None:
-        """Reserve a slot for a call; its `Ready` (or an `Error`) arrives on `sink`. None: no free slot.
+    ) -> Call | None:
+        """Reserve a slot for a call and return its record, the call's handle; its `Ready` (or an
+        `Error`) arrives on `sink`. None: no free slot.
 
         resume: a call moving in with its frames (rebuilt at the join). Raises UnknownPersona for a
         persona this worker does not serve, ProtocolError for a malformed resume.
@@ -189,23 +174,23 @@ class Engine:
             resume.warm_pcm()
         if self._stop.is_set():
             return None
-        call = _Call(
+        call = Call(
             call_id=call_id, persona_id=persona_id, sampling=sampling or Sampling(), sink=sink,
             history=CallHistory(self.policy.context), resume=resume,
         )
-        return self.scheduler.reserve(call_id, call)
+        return call if self.scheduler.reserve(call) else None
 
-    def push(self, lease: Lease, frame: bytes) -> bool:
+    def push(self, call: Call, frame: bytes) -> bool:
         """Queue one caller frame (exactly FRAME_BYTES of PCM16); False once the call left its slot."""
-        return self.scheduler.push_frame(lease, frame)
+        return self.scheduler.push_frame(call, frame)
 
-    def end(self, lease: Lease, reason: str = "caller_hangup") -> None:
+    def end(self, call: Call, reason: str = "caller_hangup") -> None:
         """The call is over: answer the frames still queued, then `Ended(reason)` and the slot is free."""
-        self.scheduler.request_leave(lease, reason)
+        self.scheduler.request_leave(call, reason)
 
-    def abort(self, lease: Lease) -> None:
+    def abort(self, call: Call) -> None:
         """Free the slot at the next tick boundary without answering queued frames."""
-        self.scheduler.request_abort(lease)
+        self.scheduler.request_abort(call)
 
     # -------------------------------------------------------------------------------- thread
     def start(self) -> None:
@@ -285,51 +270,47 @@ class Engine:
     # ------------------------------------------------------------------------- between ticks
     def _between_ticks(self) -> None:
         changes = self.scheduler.apply_requests()
-        for release in changes.releases:
-            self._release(release)
-        for join in changes.joins:
-            self._join(join)
+        for call in changes.releases:
+            self._release(call)
+        for call in changes.joins:
+            self._join(call)
         if changes.releases or changes.joins:
             self._update_gauges()
         self._keep_context()
 
-    def _join(self, join: Join) -> None:
-        lease, call = join.lease, join.payload
-        if not isinstance(call, _Call):
-            raise TypeError(f"join payload must be a _Call, got {type(call).__name__}")
+    def _join(self, call: Call) -> None:
         started = time.perf_counter()
         try:
-            seed = self._load(lease.slot, call)
+            seed = self._load(call)
             if self.runtime.device.type == "cuda":
                 torch.cuda.synchronize(self.runtime.device)
         except Exception as exc:
             logger.exception(
-                "call %s: loading persona %s into slot %d failed", call.call_id, call.persona_id, lease.slot
+                "call %s: loading persona %s into slot %d failed", call.call_id, call.persona_id, call.slot
             )
-            self._emit(lease, call, Error(code="internal", message=f"loading the persona failed: {exc}"))
-            self.scheduler.request_abort(lease)
+            self._emit(call, Error(code="internal", message=f"loading the persona failed: {exc}"))
+            self.scheduler.request_abort(call)
             return
         prefill_ms = (time.perf_counter() - started) * 1000
-        if not self.scheduler.activate(lease):
+        if not self.scheduler.activate(call):
             return  # aborted while loading; its release comes at the next apply
-        self._calls[lease.slot] = (lease, call)
         if self.metrics is not None:
             self.metrics.prefill_seconds.observe(prefill_ms / 1000)
         logger.info(
-            "call %s joined slot %d (persona %s) in %.1f ms", call.call_id, lease.slot, call.persona_id, prefill_ms
+            "call %s joined slot %d (persona %s) in %.1f ms", call.call_id, call.slot, call.persona_id, prefill_ms
         )
         self._emit(
-            lease, call, Ready(
-                call_id=call.call_id, worker_id=self.worker_id, slot=lease.slot, prefill_ms=prefill_ms,
+            call, Ready(
+                call_id=call.call_id, worker_id=self.worker_id, slot=call.slot, prefill_ms=prefill_ms,
                 seed=seed, next_frame=call.next_frame,
             ),
         )
 
-    def _load(self, slot: int, call: _Call) -> int:
-        """The call's persona into `slot`, then, for a call moving in, its frames: all of them when
+    def _load(self, call: Call) -> int:
+        """The call's persona into its slot, then, for a call moving in, its frames: all of them when
         they fit the window (the very state it left), else the last ones a rebuild keeps. Returns
         the seed the call samples with."""
-        rt = self.runtime
+        rt, slot = self.runtime, call.slot
         seed = rt.join_slot(slot, call.persona_id, call.sampling)
         prompt = rt.prompt_frames(call.persona_id)
         call.offset = prompt
@@ -349,35 +330,24 @@ class Engine:
         call.resume = None
         return seed
 
-    def _release(self, release: Release) -> None:
-        lease, call = release.lease, release.payload
-        held = self._calls.get(lease.slot)
-        if held is not None and held[0] == lease:
-            del self._calls[lease.slot]
-        if not isinstance(call, _Call):
-            return
+    def _release(self, call: Call) -> None:
         logger.info(
             "call %s left slot %d (%s): %d frames in, %d out, %d dropped",
-            call.call_id, lease.slot, release.reason, release.frames_in, call.frames_out, release.frames_dropped,
+            call.call_id, call.slot, call.reason, call.frames_in, call.frames_out, call.frames_dropped,
         )
         if self.metrics is not None:
-            self.metrics.sessions.labels(outcome="aborted" if release.aborted else "ended").inc()
+            self.metrics.sessions.labels(outcome="aborted" if call.aborted else "ended").inc()
         self._emit(
-            lease, call, Ended(reason=release.reason, frames_in=release.frames_in, frames_out=call.frames_out),
-            abort_on_error=False,
+            call, Ended(reason=call.reason, frames_in=call.frames_in, frames_out=call.frames_out), abort_on_error=False
         )
 
     def _shutdown_calls(self) -> None:
         """At stop: every call still open or joining gets Error(shutting_down)."""
-        changes = self.scheduler.apply_requests()
-        for release in changes.releases:
-            self._release(release)
+        for call in self.scheduler.apply_requests().releases:
+            self._release(call)
         message = Error(code="shutting_down", message="the worker is shutting down")
-        pending = [(j.lease, j.payload) for j in changes.joins] + list(self._calls.values())
-        for lease, call in pending:
-            if isinstance(call, _Call):
-                self._emit(lease, call, message, abort_on_error=False)
-        self._calls.clear()
+        for call in self.scheduler.calls():  # the joins just handed over (never loaded) included
+            self._emit(call, message, abort_on_error=False)
 
     # ---------------------------------------------------------------------------------- tick
     def _tick(self) -> TickResult:
@@ -388,17 +358,15 @@ class Engine:
             try:
                 result = self._run_model(plan, started)
             except Exception as exc:
-                slots = [lease.slot for lease, _ in plan]
+                slots = [call.slot for call, _ in plan]
                 logger.exception("tick failed for slots %s; ending those calls", slots)
                 with self._lock:
                     self._counters.tick_errors += 1
                 if self.metrics is not None:
                     self.metrics.tick_errors.inc()
-                for lease, _ in plan:
-                    held = self._calls.get(lease.slot)
-                    if held is not None and held[0] == lease:
-                        self._emit(lease, held[1], Error(code="internal", message=f"engine tick failed: {exc}"))
-                    self.scheduler.request_abort(lease)
+                for call, _ in plan:
+                    self._emit(call, Error(code="internal", message=f"engine tick failed: {exc}"))
+                    self.scheduler.request_abort(call)
         duration = time.perf_counter() - started
         with self._lock:
             self._counters.ticks += 1
@@ -413,9 +381,11 @@ class Engine:
         self._update_counters()
         return result
 
-    def _run_model(self, plan: list[tuple[Lease, bytes]], started: float) -> TickResult:
+    def _run_model(self, plan: list[tuple[Call, bytes]], started: float) -> TickResult:
+        """Run the planned calls' frames; a call in the plan holds its slot for the whole tick
+        (releases happen between ticks only)."""
         rt = self.runtime
-        rows = [lease.slot for lease, _ in plan]
+        rows = [call.slot for call, _ in plan]
         audio_in = np.frombuffer(b"".join(frame for _, frame in plan), dtype="<i2").reshape(len(plan), FRAME_SAMPLES)
         model_started = time.perf_counter()
         host = self.model_tick.run(rows, audio_in)  # [n, 1920 + 1 + 8] int16; the tick's one host sync
@@ -424,21 +394,17 @@ class Engine:
         texts: list[int] = []
         frames_out: list[bytes] = []
         pcm16, text, agent, caller = self.model_tick.split(host)
-        for i, (lease, _) in enumerate(plan):
+        for i, (call, _) in enumerate(plan):
             pcm_bytes = pcm16[i].astype("<i2").tobytes()
             token = int(text[i])
             texts.append(token)
             frames_out.append(pcm_bytes)
-            held = self._calls.get(lease.slot)
-            if held is None or held[0] != lease:
-                continue
-            call = held[1]
             index = call.frames_out
             call.frames_out += 1
-            self._emit(lease, call, pack_bot_frame(pcm_bytes, self._completed(call, token, agent[i], caller[i])))
+            self._emit(call, pack_bot_frame(pcm_bytes, self._completed(call, token, agent[i], caller[i])))
             piece = rt.text_piece(token) if token >= 0 else None
             if piece:
-                self._emit(lease, call, Text(text=piece, frame=index))
+                self._emit(call, Text(text=piece, frame=index))
         if self.metrics is not None:
             self.metrics.frames_out.inc(len(plan))
         audio = torch.from_numpy(host[:, FRAME_SAMPLES + 1 :].astype(np.int64))
@@ -452,7 +418,7 @@ class Engine:
             wait_s=self.model_tick.last_wait_s,
         )
 
-    def _completed(self, call: _Call, text: int, agent: np.ndarray, caller: np.ndarray) -> np.ndarray | None:
+    def _completed(self, call: Call, text: int, agent: np.ndarray, caller: np.ndarray) -> np.ndarray | None:
         """After a step of `call`: the call frame it completed (the output frame, with the caller
         codes of the step before), kept in the call's history; None at the call's first step (its
         output frame is the prompt's last)."""
@@ -478,26 +444,26 @@ class Engine:
                 nxt = urgent or (self._most_urgent(past_limit=False) if budget > 0 else None)
                 if nxt is None:
                     return
-                self._start_rebuild(*nxt)
+                self._start_rebuild(nxt)
             spent, done = self._advance_rebuild(budget, force=urgent is not None)
             budget -= spent
             if not done and urgent is None:
                 return  # the job goes on between the next two ticks
 
-    def _most_urgent(self, past_limit: bool) -> tuple[Lease, _Call] | None:
-        """The call with the highest offset that is due (or, with past_limit, would step past the
-        limit) and whose persona leaves room to rebuild; the one being rebuilt excluded."""
-        best: tuple[Lease, _Call] | None = None
+    def _most_urgent(self, past_limit: bool) -> Call | None:
+        """The loaded call with the highest offset that is due (or, with past_limit, would step past
+        the limit) and whose persona leaves room to rebuild; the one being rebuilt excluded."""
+        best: Call | None = None
         rebuilding = self._job[0] if self._job is not None else None
-        for lease, call in self._calls.values():
-            if lease == rebuilding or not self.policy.due(call.offset):
+        for call in self.scheduler.calls(SlotPhase.ACTIVE, SlotPhase.DRAINING):
+            if call is rebuilding or not self.policy.due(call.offset):
                 continue
             if past_limit and call.offset <= self.policy.limit:
                 continue
             if not self._has_room(call.persona_id):
                 continue
-            if best is None or call.offset > best[1].offset:
-                best = (lease, call)
+            if best is None or call.offset > best.offset:
+                best = call
         return best
 
     def _has_room(self, persona_id: str) -> bool:
@@ -513,11 +479,11 @@ class Engine:
             )
         return False
 
-    def _start_rebuild(self, lease: Lease, call: _Call) -> None:
+    def _start_rebuild(self, call: Call) -> None:
         keep = self.policy.keep_for(self.runtime.prompt_frames(call.persona_id))
         if self._scratch is None:
             self._scratch = self.runtime.lm.sharing_weights(1)
-        self._job = (lease, RebuildJob(self._scratch, self.runtime.prompt_states[call.persona_id], call.history, keep))
+        self._job = (call, RebuildJob(self._scratch, self.runtime.prompt_states[call.persona_id], call.history, keep))
 
     def _advance_rebuild(self, budget: int, force: bool) -> tuple[int, bool]:
         """Prefill up to `budget` frames of the rebuild in progress and swap it in once caught up
@@ -525,33 +491,31 @@ class Engine:
         prefilled and whether the job is over."""
         if self._job is None:
             return 0, True
-        lease, job = self._job
-        held = self._calls.get(lease.slot)
-        if held is None or held[0] != lease:
+        call, job = self._job
+        if not self.scheduler.holds(call):
             self._job = None  # the call left
             return 0, True
-        call = held[1]
         forced = force or call.offset > self.policy.limit
         spent = job.advance(call.history, call.history.completed if forced else max(budget, 0))
         with self._lock:
             self._counters.rebuild_chunks += 1 if spent else 0
         if not (forced or (job.caught_up(call.history) and budget > spent)):
             return spent, False
-        self._finish_rebuild(lease, call, job, forced)
+        self._finish_rebuild(call, job, forced)
         return spent + 1, True  # + the frame in progress
 
-    def _finish_rebuild(self, lease: Lease, call: _Call, job: RebuildJob, forced: bool) -> None:
+    def _finish_rebuild(self, call: Call, job: RebuildJob, forced: bool) -> None:
         """Add the frame in progress to the caught-up rebuild and swap the state into the call's slot."""
         in_progress = None
         if call.next_frame == call.history.completed + 1 and call.caller_codes is not None:
             lm = self.runtime.lm
             column = (call.offset - 1) % lm.cfg.cache_len  # the target column of the call's last step
-            text, first_agent = (int(t) for t in lm.tokens.cache[lease.slot, :2, column].tolist())
+            text, first_agent = (int(t) for t in lm.tokens.cache[call.slot, :2, column].tolist())
             in_progress = np.full(17, -1, dtype=np.int16)
             in_progress[0], in_progress[1] = text, first_agent
             in_progress[CALLER] = call.caller_codes
         state = job.finish(in_progress)
-        self.runtime.lm.import_slot(lease.slot, state)
+        self.runtime.lm.import_slot(call.slot, state)
         call.offset = int(state.offset)
         call.rebuilds += 1
         self._job = None
@@ -566,7 +530,7 @@ class Engine:
                 self.metrics.rebuild_chunk_seconds.observe(seconds)
         if self._on_rebuild is not None:
             self._on_rebuild(RebuildReport(
-                call_id=call.call_id, slot=lease.slot, first_frame=job.first_kept, stop_frame=job.next_frame,
+                call_id=call.call_id, slot=call.slot, first_frame=job.first_kept, stop_frame=job.next_frame,
                 in_progress=in_progress, forced=forced, chunk_frames=tuple(job.chunk_frames),
                 chunk_seconds=tuple(job.chunk_seconds), offset=call.offset,
             ))
@@ -578,13 +542,13 @@ class Engine:
         )
 
     # ------------------------------------------------------------------------------ helpers
-    def _emit(self, lease: Lease, call: _Call, item: Output, abort_on_error: bool = True) -> None:
+    def _emit(self, call: Call, item: Output, abort_on_error: bool = True) -> None:
         try:
             call.sink(item)
         except Exception:  # a broken sink (closed loop, ...) ends that call only
             logger.exception("call %s: delivering %s failed", call.call_id, type(item).__name__)
             if abort_on_error:
-                self.scheduler.request_abort(lease)
+                self.scheduler.request_abort(call)
 
     def _overrun(self, behind_s: float) -> None:
         with self._lock:

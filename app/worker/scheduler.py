@@ -2,7 +2,9 @@
 
 Plain Python, no torch: the engine asks it, between ticks, what changed and which rows run.
 
-Slot lifecycle:  FREE -> PREFILLING -> ACTIVE -> DRAINING -> FREE
+The slot table (`max_slots` entries, each a `Call` record or None) is the one place that says which
+call holds which slot. Each call's own lifecycle (`Call.phase`, see `call.py`):
+FREE -> PREFILLING -> ACTIVE -> DRAINING -> FREE
     reserve()        FREE -> PREFILLING at once (so two calls never get one slot) and queues a join;
     apply_requests() hands the engine the joins to perform (persona state copy); the engine then
                      calls activate(): PREFILLING -> ACTIVE;
@@ -10,65 +12,30 @@ Slot lifecycle:  FREE -> PREFILLING -> ACTIVE -> DRAINING -> FREE
                      queued are still answered, then DRAINING -> FREE;
     request_abort()  (socket gone, error) any phase -> FREE at the next apply, queued frames dropped.
 Requests may come from any thread; they take effect only in `apply_requests`, which the engine calls
-between ticks, never during one. Every request carries the slot's `Lease`, so a late request of an
-old call can never touch the next call in the same slot.
+between ticks, never during one. Every request carries the call's record and is applied only while
+its slot still holds that very record, so a late request of an old call can never touch the next
+call in the same slot. A released record keeps its counters, reason and `aborted` for the engine.
 
-A slot runs a tick iff it is ACTIVE (or DRAINING) and has a caller frame queued; the other rows are
-masked off and keep their state. Each slot queues at most `max_queue_frames` caller frames; a frame
-beyond that pushes out the oldest one, which is counted as dropped.
+A slot runs a tick iff its call is ACTIVE (or DRAINING) and has a caller frame queued; the other rows
+are masked off and keep their state. Each call queues at most `max_queue_frames` caller frames; a
+frame beyond that pushes out the oldest one, which is counted as dropped.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
+from app.worker.call import Call, SlotPhase
 
-class SlotPhase(StrEnum):
-    FREE = "free"
-    PREFILLING = "prefilling"
-    ACTIVE = "active"
-    DRAINING = "draining"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One call's hold on one slot; `generation` tells successive calls of the same slot apart."""
-
-    slot: int
-    generation: int
-    call_id: str
-
-
-@dataclass(frozen=True)
-class Join:
-    """A call to load into its slot before the next tick; `payload` is the engine's own data."""
-
-    lease: Lease
-    payload: object
-
-
-@dataclass(frozen=True)
-class Release:
-    """A slot that became FREE at this apply, with the call's counters."""
-
-    lease: Lease
-    payload: object
-    aborted: bool  # True: freed by an abort; False: drained after a leave
-    reason: str  # the leave's reason (e.g. "caller_hangup"), or "aborted"
-    was_active: bool
-    frames_in: int
-    frames_run: int
-    frames_dropped: int
+_RUNS = (SlotPhase.ACTIVE, SlotPhase.DRAINING)
 
 
 @dataclass(frozen=True)
 class Changes:
-    joins: list[Join]
-    releases: list[Release]
+    joins: list[Call]  # calls to load into their slots before the next tick
+    releases: list[Call]  # calls whose slot became FREE at this apply
 
 
 @dataclass(frozen=True)
@@ -85,20 +52,6 @@ class SchedulerStats:
     @property
     def used(self) -> int:
         return self.max_slots - self.free
-
-
-@dataclass
-class _Slot:
-    phase: SlotPhase = SlotPhase.FREE
-    generation: int = 0
-    lease: Lease | None = None
-    payload: object = None
-    leave_reason: str = ""
-    queue: deque[bytes] = field(default_factory=deque)
-    joined: bool = False  # the engine loaded this call's state (activate was called)
-    frames_in: int = 0
-    frames_run: int = 0
-    frames_dropped: int = 0
 
 
 class Scheduler:
@@ -118,134 +71,129 @@ class Scheduler:
         self.max_queue_frames = max_queue_frames
         self._on_request = on_request
         self._lock = threading.Lock()
-        self._slots = [_Slot() for _ in range(max_slots)]
-        self._joins: list[Join] = []
-        self._leaves: list[tuple[Lease, str]] = []
-        self._aborts: list[Lease] = []
+        self._slots: list[Call | None] = [None] * max_slots
+        self._joins: list[Call] = []
+        self._leaves: list[tuple[Call, str]] = []
+        self._aborts: list[Call] = []
         self._frames_in = 0
         self._frames_run = 0
         self._frames_dropped = 0
 
     # ------------------------------------------------------------------ requests (any thread)
-    def reserve(self, call_id: str, payload: object = None) -> Lease | None:
-        """Take a FREE slot for a call (-> PREFILLING) and queue its join; None when all are taken."""
+    def reserve(self, call: Call) -> bool:
+        """Give a new call a FREE slot (-> PREFILLING) and queue its join; False when all are taken."""
         with self._lock:
-            for index, slot in enumerate(self._slots):
-                if slot.phase is SlotPhase.FREE:
-                    slot.generation += 1
-                    lease = Lease(slot=index, generation=slot.generation, call_id=call_id)
-                    slot.phase = SlotPhase.PREFILLING
-                    slot.lease = lease
-                    slot.payload = payload
-                    slot.queue.clear()
-                    slot.joined = False
-                    slot.leave_reason = ""
-                    slot.frames_in = slot.frames_run = slot.frames_dropped = 0
-                    self._joins.append(Join(lease=lease, payload=payload))
-                    break
-            else:
-                return None
+            if call.slot >= 0:
+                raise ValueError(f"call {call.call_id} already held slot {call.slot}: a record is reserved once")
+            if None not in self._slots:
+                return False
+            call.slot = self._slots.index(None)
+            call.phase = SlotPhase.PREFILLING
+            self._slots[call.slot] = call
+            self._joins.append(call)
         self._notify()
-        return lease
+        return True
 
-    def push_frame(self, lease: Lease, frame: bytes) -> bool:
-        """Queue one caller frame; False if the call no longer holds the slot or is draining.
+    def push_frame(self, call: Call, frame: bytes) -> bool:
+        """Queue one caller frame; False if the call no longer holds its slot or is draining.
 
         A full queue drops its oldest frame (counted) to make room.
         """
         with self._lock:
-            slot = self._slots[lease.slot]
-            if slot.lease != lease or slot.phase not in (SlotPhase.PREFILLING, SlotPhase.ACTIVE):
+            if not self._holds(call, SlotPhase.PREFILLING, SlotPhase.ACTIVE):
                 return False
-            slot.frames_in += 1
+            call.frames_in += 1
             self._frames_in += 1
-            if len(slot.queue) >= self.max_queue_frames:
-                slot.queue.popleft()
-                slot.frames_dropped += 1
+            if len(call.queue) >= self.max_queue_frames:
+                call.queue.popleft()
+                call.frames_dropped += 1
                 self._frames_dropped += 1
-            slot.queue.append(frame)
+            call.queue.append(frame)
             return True
 
-    def request_leave(self, lease: Lease, reason: str = "ended") -> None:
+    def request_leave(self, call: Call, reason: str = "ended") -> None:
         """The call ended normally: answer the frames already queued, then free the slot."""
         with self._lock:
-            self._leaves.append((lease, reason))
+            self._leaves.append((call, reason))
         self._notify()
 
-    def request_abort(self, lease: Lease) -> None:
+    def request_abort(self, call: Call) -> None:
         """Free the slot at the next apply, dropping whatever is queued."""
         with self._lock:
-            self._aborts.append(lease)
+            self._aborts.append(call)
         self._notify()
 
     # ------------------------------------------------------------- engine thread, between ticks
     def apply_requests(self) -> Changes:
         """Apply queued aborts and leaves, free drained slots, and hand over the pending joins."""
         with self._lock:
-            releases: list[Release] = []
+            releases: list[Call] = []
             aborts, self._aborts = self._aborts, []
             leaves, self._leaves = self._leaves, []
-            for lease in aborts:
-                slot = self._slots[lease.slot]
-                if slot.lease == lease and slot.phase is not SlotPhase.FREE:
-                    releases.append(self._free(slot, aborted=True))
-            for lease, reason in leaves:
-                slot = self._slots[lease.slot]
-                if slot.lease != lease:
+            for call in aborts:
+                if self._holds(call):
+                    releases.append(self._free(call, aborted=True))
+            for call, reason in leaves:
+                if not self._holds(call):
                     continue
-                slot.leave_reason = reason
-                if slot.phase is SlotPhase.ACTIVE:
-                    slot.phase = SlotPhase.DRAINING
-                elif slot.phase is SlotPhase.PREFILLING:
-                    slot.queue.clear()
-                    releases.append(self._free(slot, aborted=False))
-            for slot in self._slots:
-                if slot.phase is SlotPhase.DRAINING and not slot.queue:
-                    releases.append(self._free(slot, aborted=False))
-            joins = [j for j in self._joins if self._holds(j.lease, SlotPhase.PREFILLING)]
+                call.reason = reason
+                if call.phase is SlotPhase.ACTIVE:
+                    call.phase = SlotPhase.DRAINING
+                elif call.phase is SlotPhase.PREFILLING:
+                    releases.append(self._free(call, aborted=False))
+            for held in self._slots:
+                if held is not None and held.phase is SlotPhase.DRAINING and not held.queue:
+                    releases.append(self._free(held, aborted=False))
+            joins = [call for call in self._joins if self._holds(call, SlotPhase.PREFILLING)]
             self._joins = []
             return Changes(joins=joins, releases=releases)
 
-    def activate(self, lease: Lease) -> bool:
-        """The engine loaded the call's state: PREFILLING -> ACTIVE. False if the lease is gone."""
+    def activate(self, call: Call) -> bool:
+        """The engine loaded the call's state: PREFILLING -> ACTIVE. False if the call left meanwhile."""
         with self._lock:
-            slot = self._slots[lease.slot]
-            if slot.lease != lease or slot.phase is not SlotPhase.PREFILLING:
+            if not self._holds(call, SlotPhase.PREFILLING):
                 return False
-            slot.phase = SlotPhase.ACTIVE
-            slot.joined = True
+            call.phase = SlotPhase.ACTIVE
+            call.joined = True
             return True
 
-    def plan_tick(self) -> list[tuple[Lease, bytes]]:
+    def plan_tick(self) -> list[tuple[Call, bytes]]:
         """Pop one caller frame for every slot that runs this tick (ACTIVE or DRAINING with a frame)."""
-        plan: list[tuple[Lease, bytes]] = []
+        plan: list[tuple[Call, bytes]] = []
         with self._lock:
-            for slot in self._slots:
-                if slot.queue and slot.lease is not None and slot.phase in (SlotPhase.ACTIVE, SlotPhase.DRAINING):
-                    plan.append((slot.lease, slot.queue.popleft()))
-                    slot.frames_run += 1
+            for call in self._slots:
+                if call is not None and call.queue and call.phase in _RUNS:
+                    plan.append((call, call.queue.popleft()))
+                    call.frames_run += 1
             self._frames_run += len(plan)
         return plan
 
     # ------------------------------------------------------------------------------ inspection
+    def holds(self, call: Call) -> bool:
+        """Whether the call still holds its slot (it was reserved and not yet released)."""
+        with self._lock:
+            return self._holds(call)
+
+    def calls(self, *phases: SlotPhase) -> list[Call]:
+        """The calls holding a slot, in slot order; only those in `phases` when given."""
+        with self._lock:
+            return [c for c in self._slots if c is not None and (not phases or c.phase in phases)]
+
     def phase(self, slot: int) -> SlotPhase:
         with self._lock:
-            return self._slots[slot].phase
+            call = self._slots[slot]
+            return SlotPhase.FREE if call is None else call.phase
 
     def queued(self, slot: int) -> int:
         with self._lock:
-            return len(self._slots[slot].queue)
-
-    def leases(self) -> list[Lease]:
-        """Leases of every slot that is not FREE."""
-        with self._lock:
-            return [s.lease for s in self._slots if s.phase is not SlotPhase.FREE and s.lease is not None]
+            call = self._slots[slot]
+            return 0 if call is None else len(call.queue)
 
     def stats(self) -> SchedulerStats:
         with self._lock:
             count = {phase: 0 for phase in SlotPhase}
-            for slot in self._slots:
-                count[slot.phase] += 1
+            for call in self._slots:
+                count[SlotPhase.FREE if call is None else call.phase] += 1
             return SchedulerStats(
                 max_slots=self.max_slots,
                 free=count[SlotPhase.FREE],
@@ -258,29 +206,20 @@ class Scheduler:
             )
 
     # -------------------------------------------------------------------------------- internal
-    def _holds(self, lease: Lease, phase: SlotPhase) -> bool:
-        slot = self._slots[lease.slot]
-        return slot.lease == lease and slot.phase is phase
+    def _holds(self, call: Call, *phases: SlotPhase) -> bool:
+        """Caller holds the lock. The slot holds this very record (in one of `phases` when given)."""
+        held = 0 <= call.slot < self.max_slots and self._slots[call.slot] is call
+        return held and (not phases or call.phase in phases)
 
-    def _free(self, slot: _Slot, *, aborted: bool) -> Release:
-        """Caller holds the lock. Slot -> FREE; the lease stays recorded so stale requests miss."""
-        lease = slot.lease
-        if lease is None:  # a non-FREE slot always has a lease; keep the type checker honest
-            raise RuntimeError("slot without a lease")
-        release = Release(
-            lease=lease,
-            payload=slot.payload,
-            aborted=aborted,
-            reason="aborted" if aborted else slot.leave_reason,
-            was_active=slot.joined,
-            frames_in=slot.frames_in,
-            frames_run=slot.frames_run,
-            frames_dropped=slot.frames_dropped,
-        )
-        slot.phase = SlotPhase.FREE
-        slot.payload = None
-        slot.queue.clear()
-        return release
+    def _free(self, call: Call, *, aborted: bool) -> Call:
+        """Caller holds the lock. The call leaves its slot (-> FREE); the record keeps its counters."""
+        self._slots[call.slot] = None
+        call.phase = SlotPhase.FREE
+        call.aborted = aborted
+        if aborted:
+            call.reason = "aborted"
+        call.queue.clear()
+        return call
 
     def _notify(self) -> None:
         if self._on_request is not None:

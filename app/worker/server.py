@@ -14,6 +14,10 @@ gateway resumes the call on another worker, then ends this session. Once no sess
 after `worker_drain_grace_s`, the server exits (the sessions still here then get
 `Error(shutting_down)`). uvicorn's own SIGTERM handling is replaced by this (`WorkerServer`);
 SIGINT (or a second SIGTERM) still stops at once.
+
+Each socket is a `_Connection`: only the transport (the websocket, the outbox the engine fills, the
+send lock, whether it is closed). The call it carries is the engine's record (`call.py`): its id,
+its slot and whether it was asked to move are read from and written to that record.
 """
 
 from __future__ import annotations
@@ -51,11 +55,11 @@ from app.protocol import (
     decode_client,
     encode,
 )
+from app.worker.call import Call, Output
 from app.worker.context import ContextPolicy
-from app.worker.engine import Engine, Output
+from app.worker.engine import Engine
 from app.worker.metrics import CONTENT_TYPE, WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona, build_runtime
-from app.worker.scheduler import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +174,12 @@ def create_app(settings: WorkerSettings, runtime: Runtime) -> FastAPI:
             await ws.close(code=CLOSE_POLICY)  # before accept: the client gets HTTP 403
             return
         await ws.accept()
-        call = _Session(ws, engine, metrics, drain)
-        drain.add(call)
+        connection = _Connection(ws, engine, metrics, drain)
+        drain.add(connection)
         try:
-            await call.run()
+            await connection.run()
         finally:
-            drain.discard(call)
+            drain.discard(connection)
 
     @app.post("/admin/drain", status_code=202)
     async def admin_drain(request: Request) -> JSONResponse:
@@ -256,7 +260,7 @@ class Drain:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self.sessions: set[_Session] = set()
+        self.sessions: set[_Connection] = set()
         self.reason = ""
         self.on_done: Callable[[], None] | None = None
         self.done = asyncio.Event()
@@ -275,10 +279,10 @@ class Drain:
         self._requested.set()
         return True
 
-    def add(self, session: _Session) -> None:
+    def add(self, session: _Connection) -> None:
         self.sessions.add(session)
 
-    def discard(self, session: _Session) -> None:
+    def discard(self, session: _Connection) -> None:
         self.sessions.discard(session)
         self._left.set()
 
@@ -347,8 +351,9 @@ class _Outbox:
         return self._items.popleft()
 
 
-class _Session:
-    """One call on WS /v1/session."""
+class _Connection:
+    """One WS /v1/session: the transport of one call. `call` is the call's record once its Ready
+    went out (from then on the drain may move it)."""
 
     def __init__(self, ws: WebSocket, engine: Engine, metrics: WorkerMetrics, drain: Drain) -> None:
         self.ws = ws
@@ -356,24 +361,23 @@ class _Session:
         self.metrics = metrics
         self.drain = drain
         self.outbox = _Outbox(asyncio.get_running_loop(), metrics)
-        self.lease: Lease | None = None
-        self.call_id = "?"
+        self.call: Call | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
-        self._ready_sent = False
-        self._moving = False
 
     async def move(self, reason: str) -> None:
-        """Ask the gateway to move this call elsewhere (once; a session not yet ready is asked
-        right after its Ready)."""
-        if self._moving:
+        """Ask the gateway to move this call elsewhere (once). A call whose Ready has not gone out yet
+        is not asked here: its connection checks the drain right after the Ready."""
+        call = self.call
+        if call is None or call.moving:
             return
-        self._moving = True
-        if self._ready_sent:
-            logger.info("call %s: asking the gateway to move it (%s)", self.call_id, reason)
-            await self._send_text(encode(Move(reason=reason)))
+        call.moving = True
+        logger.info("call %s: asking the gateway to move it (%s)", call.call_id, reason)
+        await self._send_text(encode(Move(reason=reason)))
 
     async def run(self) -> None:
+        start: Start | None = None
+        call: Call | None = None
         sender: asyncio.Task[None] | None = None
         try:
             start = await self._start()
@@ -384,25 +388,25 @@ class _Session:
                 self.metrics.sessions.labels(outcome="draining").inc()
                 await self._fail(Error(code="shutting_down", message="the worker is draining"))
                 return
-            if not await self._open(start):
+            call = await self._open(start)
+            if call is None or not await self._ready(call):
                 return
-            self._ready_sent = True
-            if self._moving or self.drain.draining:
-                self._moving = False
+            self.call = call
+            if self.drain.draining:
                 await self.move(self.drain.reason or "draining")
             sender = asyncio.create_task(self._send_loop())
-            ended = await self._receive_loop()
+            ended = await self._receive_loop(call)
             if ended:
                 try:
                     await asyncio.wait_for(asyncio.shield(sender), DRAIN_TIMEOUT_S)
                 except TimeoutError:
-                    logger.warning("call %s: no Ended within %.0f s after End", self.call_id, DRAIN_TIMEOUT_S)
+                    logger.warning("call %s: no Ended within %.0f s after End", call.call_id, DRAIN_TIMEOUT_S)
         except Exception:
-            logger.exception("call %s: session failed", self.call_id)
+            logger.exception("call %s: session failed", start.call_id if start is not None else "?")
             await self._fail(Error(code="internal", message="worker session error"))
         finally:
-            if self.lease is not None:
-                self.engine.abort(self.lease)  # no-op once the slot was released
+            if call is not None:
+                self.engine.abort(call)  # no-op once the call left its slot
             if sender is not None and not sender.done():
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
@@ -427,31 +431,33 @@ class _Session:
         if not isinstance(start, Start):
             await self._fail(Error(code="bad_request", message=f"expected start, got {start.type}"))
             return None
-        self.call_id = start.call_id
         return start
 
-    async def _open(self, start: Start) -> bool:
+    async def _open(self, start: Start) -> Call | None:
+        """The call's record once the engine gave it a slot; None (and the error sent) if refused."""
         try:
-            lease = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink, start.resume)
+            call = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink, start.resume)
         except ProtocolError as exc:
             logger.warning("call %s: bad resume: %s", start.call_id, exc)
             await self._fail(Error(code="bad_request", message=str(exc)))
-            return False
+            return None
         except UnknownPersona:
             logger.warning("call %s: unknown persona %r", start.call_id, start.persona)
             self.metrics.sessions.labels(outcome="unknown_persona").inc()
             await self._fail(Error(code="unknown_persona", message=f"persona {start.persona!r} is not served here"))
-            return False
-        if lease is None:
+            return None
+        if call is None:
             logger.warning("call %s refused: all %d slots are in use", start.call_id, self.engine.runtime.max_slots)
             self.metrics.sessions.labels(outcome="busy").inc()
             await self._fail(Error(code="busy", message="no free call slot on this worker"))
-            return False
-        self.lease = lease
+        return call
+
+    async def _ready(self, call: Call) -> bool:
+        """Send the call's Ready once the engine loaded it; False (and the error sent) if it failed."""
         try:
             first = await asyncio.wait_for(self.outbox.get(), READY_TIMEOUT_S)
         except TimeoutError:
-            logger.error("call %s: slot %d not ready within %.0f s", start.call_id, lease.slot, READY_TIMEOUT_S)
+            logger.error("call %s: slot %d not ready within %.0f s", call.call_id, call.slot, READY_TIMEOUT_S)
             await self._fail(Error(code="internal", message="the engine did not load the call in time"))
             return False
         if not isinstance(first, Ready):
@@ -460,38 +466,35 @@ class _Session:
         await self._send_text(encode(first))
         return True
 
-    async def _receive_loop(self) -> bool:
+    async def _receive_loop(self, call: Call) -> bool:
         """Caller frames into the engine until End (True) or a disconnect / bad input (False)."""
-        lease = self.lease
-        if lease is None:
-            raise RuntimeError("receive loop without a slot")
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
-                logger.info("call %s: gateway disconnected (code %s)", self.call_id, message.get("code"))
+                logger.info("call %s: gateway disconnected (code %s)", call.call_id, message.get("code"))
                 return False
             data = message.get("bytes")
             if data is not None:
                 try:
-                    self.engine.push(lease, check_frame(data))
+                    self.engine.push(call, check_frame(data))
                 except ProtocolError as exc:
-                    logger.warning("call %s: %s", self.call_id, exc)
-                    self.engine.abort(lease)
+                    logger.warning("call %s: %s", call.call_id, exc)
+                    self.engine.abort(call)
                     await self._fail(Error(code="bad_request", message=str(exc)))
                     return False
                 continue
             try:
                 control = decode_client(message.get("text") or "")
             except ProtocolError as exc:
-                logger.warning("call %s: %s", self.call_id, exc)
-                self.engine.abort(lease)
+                logger.warning("call %s: %s", call.call_id, exc)
+                self.engine.abort(call)
                 await self._fail(Error(code="bad_request", message=str(exc)))
                 return False
             if isinstance(control, End):
-                logger.info("call %s: end (%s)", self.call_id, control.reason)
-                self.engine.end(lease, control.reason)
+                logger.info("call %s: end (%s)", call.call_id, control.reason)
+                self.engine.end(call, control.reason)
                 return True
-            self.engine.abort(lease)
+            self.engine.abort(call)
             await self._fail(Error(code="bad_request", message="start may only be sent once"))
             return False
 
@@ -528,7 +531,7 @@ class _Session:
         await self._send({"type": "websocket.close", "code": code, "reason": ""})
 
     async def _send(self, message: dict) -> None:
-        """Send unless closed; a peer that has gone away just marks the session closed."""
+        """Send unless closed; a peer that has gone away just marks the connection closed."""
         async with self._send_lock:
             if self._closed:
                 return
@@ -538,7 +541,8 @@ class _Session:
                 await self.ws.send(message)
             except (WebSocketDisconnect, RuntimeError) as exc:  # the gateway went away meanwhile
                 self._closed = True
-                logger.info("call %s: gateway gone while sending (%s)", self.call_id, type(exc).__name__)
+                call_id = self.call.call_id if self.call is not None else "?"
+                logger.info("call %s: gateway gone while sending (%s)", call_id, type(exc).__name__)
 
 
 class WorkerServer(uvicorn.Server):

@@ -107,17 +107,17 @@ def test_a_long_call_keeps_its_persona_in_the_window_at_every_frame(short_runtim
 
     engine = Engine(rt, worker_id="w", max_queue_frames=4, metrics=metrics, policy=policy, on_rebuild=check)
     out = Outbox()
-    lease = engine.open("long", PERSONA, Sampling(seed=5), out)
+    call = engine.open("long", PERSONA, Sampling(seed=5), out)
+    assert call is not None
     engine.step()
-    call = engine._calls[lease.slot][1]
     audio = caller_frames(50, seed=3)
     for i in range(CALL_FRAMES):
-        offset = int(rt.lm.tokens.offset[lease.slot])
+        offset = int(rt.lm.tokens.offset[call.slot])
         assert offset == call.offset <= policy.limit, i  # this step writes position <= C - 2
-        assert engine.push(lease, audio[i % len(audio)])
+        assert engine.push(call, audio[i % len(audio)])
         engine.step()
         if i % 97 == 0:  # the prompt's positions hold the persona's KV
-            assert torch.equal(_kv_positions(rt, lease.slot, 0, prompt - 1), persona.kv)
+            assert torch.equal(_kv_positions(rt, call.slot, 0, prompt - 1), persona.kv)
     assert len(reports) >= CALL_FRAMES // (policy.limit - prompt) and not any(r.forced for r in reports)
     assert all(len(r.chunk_seconds) >= 2 for r in reports)  # spread over ticks, then the frame in progress
     assert len(out.of(bytes)) == CALL_FRAMES and call.history.completed == CALL_FRAMES - 1
@@ -153,11 +153,11 @@ def test_a_call_moved_to_another_engine_says_exactly_what_it_would_have(
     audio = caller_frames(30, seed=8)
     a = Engine(short_runtime, worker_id="a", max_queue_frames=4, policy=_policy(short_runtime))
     out_a = Outbox()
-    lease_a = a.open("moving", PERSONA, Sampling(), out_a)  # no seed given: the worker picks one
+    call_a = a.open("moving", PERSONA, Sampling(), out_a)  # no seed given: the worker picks one
     a.step()
     seed = out_a.of(Ready)[0].seed
     for i in range(moved_at + 1):  # A answers caller frames 0..n
-        a.push(lease_a, audio[i])
+        a.push(call_a, audio[i])
         a.step()
     history = np.stack([t for t in _answers(out_a)[1:]])  # complete frames 0..n-1
     assert history.shape == (moved_at, 17)
@@ -166,15 +166,15 @@ def test_a_call_moved_to_another_engine_says_exactly_what_it_would_have(
     ))
     b = Engine(other_runtime, worker_id="b", max_queue_frames=4, policy=_policy(other_runtime))
     out_b = Outbox()
-    lease_b = b.open("moving", PERSONA, Sampling(seed=seed), out_b, resume=resume)
+    call_b = b.open("moving", PERSONA, Sampling(seed=seed), out_b, resume=resume)
     b.step()
     ready = out_b.of(Ready)[0]
     assert ready.seed == seed and ready.next_frame == moved_at
     for i in range(moved_at, len(audio)):  # both go on from frame n: A as if nothing happened
         if i > moved_at:
-            a.push(lease_a, audio[i])
+            a.push(call_a, audio[i])
             a.step()
-        b.push(lease_b, audio[i])
+        b.push(call_b, audio[i])
         b.step()
     answers_a, answers_b = _answers(out_a), _answers(out_b)
     assert len(answers_b) == len(audio) - moved_at
@@ -196,13 +196,13 @@ def test_a_call_moving_in_with_more_than_fits_keeps_its_last_frames(short_runtim
     ).astype(np.int16)
     engine = Engine(rt, worker_id="w", max_queue_frames=4, policy=policy)
     out = Outbox()
-    lease = engine.open("big", PERSONA, Sampling(seed=2), out, resume=Resume.of(frames, next_frame=900))
+    call = engine.open("big", PERSONA, Sampling(seed=2), out, resume=Resume.of(frames, next_frame=900))
+    assert call is not None
     engine.step()
-    call = engine._calls[lease.slot][1]
     keep = policy.keep_for(prompt)
-    assert call.offset == prompt + keep == int(rt.lm.tokens.offset[lease.slot])
+    assert call.offset == prompt + keep == int(rt.lm.tokens.offset[call.slot])
     assert call.history.completed == 900 and call.next_frame == 900
-    engine.push(lease, caller_frames(1)[0])
+    engine.push(call, caller_frames(1)[0])
     engine.step()
     assert len(out.of(bytes)) == 1
 
@@ -238,23 +238,23 @@ def test_a_bystander_hears_the_same_whatever_rebuilds_run_beside_it(
     audio = caller_frames(40, seed=11)
     alone = Engine(other_runtime, worker_id="a", max_queue_frames=4, policy=_policy(other_runtime))
     out_alone = Outbox()
-    lease = alone.open("bystander", PERSONA, Sampling(seed=9), out_alone)
+    call = alone.open("bystander", PERSONA, Sampling(seed=9), out_alone)
     reports = []
     busy = Engine(short_runtime, worker_id="b", max_queue_frames=4, policy=_policy(short_runtime),
                   on_rebuild=reports.append)
     out_busy, out_long = Outbox(), Outbox()
-    long_lease = busy.open("long", PERSONA, Sampling(seed=1), out_long)
+    long_call = busy.open("long", PERSONA, Sampling(seed=1), out_long)
     for i in range(60):  # the long call gets ahead, so that it rebuilds while the bystander talks
-        busy.push(long_lease, audio[i % len(audio)])
+        busy.push(long_call, audio[i % len(audio)])
         busy.step()
-    by_lease = busy.open("bystander", PERSONA, Sampling(seed=9), out_busy)
+    by_call = busy.open("bystander", PERSONA, Sampling(seed=9), out_busy)
     alone.step()
     busy.step()
     for i in range(120):
-        alone.push(lease, audio[i % len(audio)])
+        alone.push(call, audio[i % len(audio)])
         alone.step()
-        busy.push(long_lease, audio[(i + 7) % len(audio)])
-        busy.push(by_lease, audio[i % len(audio)])
+        busy.push(long_call, audio[(i + 7) % len(audio)])
+        busy.push(by_call, audio[i % len(audio)])
         busy.step()
     assert len([r for r in reports if r.call_id == "long"]) >= 3
     assert out_busy.of(bytes) == out_alone.of(bytes)  # the same audio and tokens, bit for bit
@@ -269,12 +269,12 @@ def test_calls_due_together_share_the_per_tick_budget(short_runtime: Runtime) ->
     swaps: list[tuple[int, object]] = []
     engine = Engine(rt, worker_id="w", max_queue_frames=4, policy=policy,
                     on_rebuild=lambda report: swaps.append((step, report)))
-    leases = [engine.open(f"c{i}", PERSONA, Sampling(seed=i), Outbox()) for i in range(2)]
+    calls = [engine.open(f"c{i}", PERSONA, Sampling(seed=i), Outbox()) for i in range(2)]
     audio = caller_frames(20, seed=2)
     chunks_before = engine.stats().rebuild_chunks
     for step in range(150):
-        for lease in leases:
-            engine.push(lease, audio[step % len(audio)])
+        for call in calls:
+            engine.push(call, audio[step % len(audio)])
         before = engine.stats().rebuild_chunks
         engine.step()
         assert engine.stats().rebuild_chunks - before <= 2  # one chunk, and at most one swap after it

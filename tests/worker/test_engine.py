@@ -12,7 +12,7 @@ from app.protocol import Ended, Error, Ready, Sampling, Text, unpack_bot_frame
 from app.worker.engine import Engine, TickResult, next_grid_point
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
-from app.worker.scheduler import Lease, SlotPhase
+from app.worker.call import Call, SlotPhase
 
 PERSONA = "waste-management"
 
@@ -46,17 +46,17 @@ def make_engine(runtime: Runtime, **kw) -> Engine:
     return Engine(runtime, worker_id="w-test", max_queue_frames=kw.pop("max_queue_frames", 8), **kw)
 
 
-def open_call(engine: Engine, call_id: str, seed: int, persona: str = PERSONA) -> tuple[Lease, Outbox]:
+def open_call(engine: Engine, call_id: str, seed: int, persona: str = PERSONA) -> tuple[Call, Outbox]:
     out = Outbox()
-    lease = engine.open(call_id, persona, Sampling(seed=seed), out)
-    assert lease is not None
-    return lease, out
+    call = engine.open(call_id, persona, Sampling(seed=seed), out)
+    assert call is not None
+    return call, out
 
 
-def run_ticks(engine: Engine, lease: Lease, frames: list[bytes]) -> list[TickResult]:
+def run_ticks(engine: Engine, call: Call, frames: list[bytes]) -> list[TickResult]:
     results = []
     for f in frames:
-        assert engine.push(lease, f)
+        assert engine.push(call, f)
         results.append(engine.step())
     return results
 
@@ -69,33 +69,33 @@ def row(result: TickResult, slot: int) -> tuple[int, list[int], bytes]:
 def test_a_call_gets_ready_then_one_bot_frame_per_caller_frame(runtime: Runtime) -> None:
     metrics = WorkerMetrics(runtime.max_slots)
     engine = make_engine(runtime, metrics=metrics)
-    lease, out = open_call(engine, "call-1", seed=1)
+    call, out = open_call(engine, "call-1", seed=1)
     engine.step()  # between ticks: the persona state is copied into the slot
     (ready,) = out.of(Ready)
-    assert (ready.call_id, ready.slot, ready.worker_id) == ("call-1", lease.slot, "w-test")
+    assert (ready.call_id, ready.slot, ready.worker_id) == ("call-1", call.slot, "w-test")
     assert 0 <= ready.prefill_ms < 1000
     frames = caller_frames(6)
     for i, f in enumerate(frames):
-        engine.push(lease, f)
+        engine.push(call, f)
         result = engine.step()
-        assert result.slots == [lease.slot]
+        assert result.slots == [call.slot]
         assert len(out.of(bytes)) == i + 1
     bot = [unpack_bot_frame(b) for b in out.of(bytes)]
     assert any(np.frombuffer(pcm, "<i2").any() for pcm, _ in bot)  # the tiny model makes (noise) audio
     # Each step after the first completes the call frame before it: its 17 tokens come with the audio.
     assert bot[0][1] is None and all(tokens is not None for _, tokens in bot[1:])
-    history = engine._calls[lease.slot][1].history
+    history = call.history  # the handle is the engine's record of the call
     assert history.completed == 5 and np.array_equal(history.span(0, 5), np.stack([t for _, t in bot[1:]]))
     assert engine.step().slots == []  # no caller frame queued: the slot does not run, no output
     assert len(out.of(bytes)) == 6
     for text in out.of(Text):
         assert text.text and "▁" not in text.text
         assert 0 <= text.frame < 6
-    engine.end(lease, "caller_hangup")
+    engine.end(call, "caller_hangup")
     engine.step()
     (ended,) = out.of(Ended)
     assert (ended.reason, ended.frames_in, ended.frames_out) == ("caller_hangup", 6, 6)
-    assert engine.scheduler.phase(lease.slot) is SlotPhase.FREE
+    assert engine.scheduler.phase(call.slot) is SlotPhase.FREE
     rendered = metrics.render().decode()
     assert "worker_frames_out_total 6.0" in rendered
     assert "worker_frames_in_total 6.0" in rendered
@@ -111,11 +111,11 @@ def test_text_tokens_become_pieces_without_padding(runtime: Runtime) -> None:
 
 def test_end_answers_the_frames_still_queued(runtime: Runtime) -> None:
     engine = make_engine(runtime)
-    lease, out = open_call(engine, "call-drain", seed=2)
+    call, out = open_call(engine, "call-drain", seed=2)
     engine.step()
     for f in caller_frames(3):
-        engine.push(lease, f)
-    engine.end(lease)
+        engine.push(call, f)
+    engine.end(call)
     for _ in range(4):
         engine.step()
     assert len(out.of(bytes)) == 3
@@ -125,14 +125,38 @@ def test_end_answers_the_frames_still_queued(runtime: Runtime) -> None:
 
 def test_abort_frees_the_slot_without_answering(runtime: Runtime) -> None:
     engine = make_engine(runtime)
-    lease, out = open_call(engine, "call-abort", seed=3)
+    call, out = open_call(engine, "call-abort", seed=3)
     engine.step()
     for f in caller_frames(3):
-        engine.push(lease, f)
-    engine.abort(lease)
+        engine.push(call, f)
+    engine.abort(call)
     engine.step()
     assert out.of(bytes) == []
     assert out.of(Ended)[0].reason == "aborted"
+    assert engine.scheduler.stats().free == runtime.max_slots
+
+
+def test_the_handle_of_an_ended_call_never_touches_the_next_call_in_its_slot(runtime: Runtime) -> None:
+    engine = make_engine(runtime, max_queue_frames=2)
+    calls = [open_call(engine, f"c{i}", seed=i)[0] for i in range(runtime.max_slots)]
+    engine.step()
+    old = calls[0]
+    engine.abort(old)
+    engine.step()
+    new, out = open_call(engine, "next", seed=9)
+    engine.step()
+    assert new.slot == old.slot and new is not old and out.of(Ready)
+    frames = caller_frames(2)
+    assert not engine.push(old, frames[0])  # the old handle: refused, not queued for the new call
+    engine.end(old)
+    engine.abort(old)
+    assert engine.push(new, frames[1])
+    result = engine.step()
+    assert new.slot in result.slots and out.of(Ended) == [] and len(out.of(bytes)) == 1
+    assert engine.scheduler.phase(new.slot) is SlotPhase.ACTIVE and new.frames_in == 1
+    for call in calls[1:] + [new]:
+        engine.abort(call)
+    engine.step()
     assert engine.scheduler.stats().free == runtime.max_slots
 
 
@@ -140,19 +164,19 @@ def test_a_slot_filled_from_the_persona_cache_behaves_like_one_prefilled_in_plac
     frames = caller_frames(10, seed=5)
 
     engine = make_engine(runtime)
-    lease, _ = open_call(engine, "cached", seed=11)
+    call, _ = open_call(engine, "cached", seed=11)
     engine.step()  # join = reset + import of the cached state + sampling
-    cached = [row(r, lease.slot) for r in run_ticks(engine, lease, frames)]
-    engine.abort(lease)
+    cached = [row(r, call.slot) for r in run_ticks(engine, call, frames)]
+    engine.abort(call)
     engine.step()
 
     engine = make_engine(runtime)
-    lease, _ = open_call(engine, "in-place", seed=11)
+    call, _ = open_call(engine, "in-place", seed=11)
     engine.step()
     # Overwrite the cached join with the full prompt prefill run in this very slot.
-    runtime.prefill_in_place(lease.slot, PERSONA, Sampling(seed=11))
-    in_place = [row(r, lease.slot) for r in run_ticks(engine, lease, frames)]
-    engine.abort(lease)
+    runtime.prefill_in_place(call.slot, PERSONA, Sampling(seed=11))
+    in_place = [row(r, call.slot) for r in run_ticks(engine, call, frames)]
+    engine.abort(call)
     engine.step()
 
     assert [c[0] for c in cached] == [p[0] for p in in_place]  # text tokens
@@ -197,11 +221,11 @@ def test_unknown_persona_and_busy(runtime: Runtime) -> None:
     engine = make_engine(runtime)
     with pytest.raises(UnknownPersona):
         engine.open("x", "no-such-persona", None, Outbox())
-    leases = [engine.open(f"c{i}", PERSONA, None, Outbox()) for i in range(runtime.max_slots)]
-    assert all(lease is not None for lease in leases)
+    calls = [engine.open(f"c{i}", PERSONA, None, Outbox()) for i in range(runtime.max_slots)]
+    assert all(call is not None for call in calls)
     assert engine.open("one-too-many", PERSONA, None, Outbox()) is None
-    for lease in leases:
-        engine.abort(lease)
+    for call in calls:
+        engine.abort(call)
     engine.step()
     assert engine.scheduler.stats().free == runtime.max_slots
 
@@ -213,13 +237,13 @@ def test_a_failing_join_reports_an_error_and_frees_the_slot(runtime: Runtime, mo
         raise RuntimeError("boom")
 
     monkeypatch.setattr(runtime, "join_slot", broken)
-    lease, out = open_call(engine, "broken", seed=1)
+    call, out = open_call(engine, "broken", seed=1)
     engine.step()
     engine.step()
     (error,) = out.of(Error)
     assert error.code == "internal" and "boom" in error.message
     assert out.of(Ready) == []
-    assert engine.scheduler.phase(lease.slot) is SlotPhase.FREE
+    assert engine.scheduler.phase(call.slot) is SlotPhase.FREE
 
 
 def test_tick_grid_skips_missed_points_without_drift_or_burst() -> None:
@@ -240,11 +264,11 @@ def test_the_thread_answers_a_burst_one_frame_per_tick(runtime: Runtime) -> None
     engine = make_engine(runtime, tick_s=0.08)
     engine.start()
     try:
-        lease, out = open_call(engine, "threaded", seed=4)
+        call, out = open_call(engine, "threaded", seed=4)
         assert out.event.wait(5.0)
         assert isinstance(out.items[0], Ready)
         for f in caller_frames(3):  # a burst of three frames: answered one per tick
-            engine.push(lease, f)
+            engine.push(call, f)
         deadline = time.monotonic() + 10.0
         while len(out.of(bytes)) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -258,7 +282,7 @@ def test_the_thread_answers_a_burst_one_frame_per_tick(runtime: Runtime) -> None
 def test_stop_tells_open_calls_the_worker_is_shutting_down(runtime: Runtime) -> None:
     engine = make_engine(runtime)
     engine.start()
-    lease, out = open_call(engine, "left-open", seed=1)
+    call, out = open_call(engine, "left-open", seed=1)
     assert out.event.wait(2.0)
     engine.stop()
     assert isinstance(out.items[-1], Error) and out.items[-1].code == "shutting_down"
