@@ -5,7 +5,11 @@ Mimi encode -> LM step -> Mimi decode at once (fixed shapes, an `active` mask), 
 gets exactly one bot frame back (PCM16, 24 kHz, 1920 samples) plus the model's text as `Text`.
 Joins (copying a persona's cached prompt state into a slot), leaves and aborts happen between ticks,
 in this thread. Ticks follow a monotonic grid: an overrun is logged and counted, the next tick runs
-at once, and missed grid points are skipped rather than caught up in a burst.
+at once, and missed grid points are skipped. A call's frames queued during a stall are not left
+queued for the rest of the call (each tick takes one frame per slot, so they would be: the caller
+would hear that much more delay from then on): while any running slot still has CATCH_UP_BACKLOG
+frames queued after a tick, the next tick runs at once, off the grid (counted as a catch-up), so
+its queue is back to at most one frame within a few ticks; then the grid resumes.
 
 Each bot frame carries the tokens of the call frame its step completed (`protocol.pack_bot_frame`);
 the engine keeps them too (`protocol.CallHistory`), rebuilds a long call's context before its
@@ -55,6 +59,7 @@ from app.worker.tick import ModelTick
 logger = logging.getLogger(__name__)
 
 _OVERRUN_LOG_EVERY_S = 5.0
+CATCH_UP_BACKLOG = 2  # caller frames queued in one slot right after a tick: it has fallen behind
 _TICK_HISTORY = 512
 _DECODER_WARM_FRAMES = 12  # agent frames a resumed call replays into its slot's Mimi decoder (~1 s)
 
@@ -98,6 +103,7 @@ class EngineStats:
     running: bool
     rebuilds: int = 0  # long calls' contexts rebuilt
     rebuild_chunks: int = 0  # rebuild prefills run between ticks (the frame-in-progress step included)
+    catch_ups: int = 0  # ticks run at once, off the grid, because a slot had a backlog
 
 
 @dataclass
@@ -108,6 +114,7 @@ class _Counters:
     tick_errors: int = 0
     rebuilds: int = 0
     rebuild_chunks: int = 0
+    catch_ups: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_TICK_HISTORY))
 
 
@@ -165,10 +172,12 @@ class Engine:
         `Error`) arrives on `sink`. None: no free slot.
 
         resume: a call moving in with its frames (rebuilt at the join). Raises UnknownPersona for a
-        persona this worker does not serve, ProtocolError for a malformed resume.
+        persona this worker does not serve, ProtocolError for a malformed resume or a top-k this
+        worker's sampling width cannot serve.
         """
         if not self.runtime.has_persona(persona_id):
             raise UnknownPersona(persona_id)
+        self.runtime.check_sampling(persona_id, sampling)
         if resume is not None:
             resume.tokens()  # a malformed payload is refused here, not in the engine thread
             resume.warm_pcm()
@@ -236,6 +245,7 @@ class Engine:
                 running=self.running,
                 rebuilds=c.rebuilds,
                 rebuild_chunks=c.rebuild_chunks,
+                catch_ups=c.catch_ups,
             )
 
     def _run(self) -> None:
@@ -247,19 +257,24 @@ class Engine:
         )
         period = self.tick_s
         next_tick = time.monotonic() + period
+        catch_up = False  # a slot has a backlog: the next tick runs at once, off the grid
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
                     self._wake.clear()
                     self._between_ticks()
-                    now = time.monotonic()
-                    if now < next_tick:
-                        self._wake.wait(next_tick - now)
+                    due = time.monotonic() >= next_tick
+                    if not due and not catch_up:
+                        self._wake.wait(next_tick - time.monotonic())
                         continue
                     self._tick()
-                    next_tick, behind = next_grid_point(next_tick, time.monotonic(), period)
-                    if behind is not None:
-                        self._overrun(behind)
+                    if due:
+                        next_tick, behind = next_grid_point(next_tick, time.monotonic(), period)
+                        if behind is not None:
+                            self._overrun(behind)
+                    else:
+                        self._count_catch_up()
+                    catch_up = self.scheduler.backlog() >= CATCH_UP_BACKLOG
                 except Exception:  # a bug here must not kill every call silently: log, keep serving
                     logger.exception("engine loop error; continuing")
                     time.sleep(period)
@@ -549,6 +564,12 @@ class Engine:
             logger.exception("call %s: delivering %s failed", call.call_id, type(item).__name__)
             if abort_on_error:
                 self.scheduler.request_abort(call)
+
+    def _count_catch_up(self) -> None:
+        with self._lock:
+            self._counters.catch_ups += 1
+        if self.metrics is not None:
+            self.metrics.catch_ups.inc()
 
     def _overrun(self, behind_s: float) -> None:
         with self._lock:

@@ -24,6 +24,10 @@ class WorkerMetrics:
             buckets=TICK_BUCKETS, registry=r,
         )
         self.overruns = Counter("worker_tick_overruns", "Ticks that ran past their 80 ms slot", registry=r)
+        self.catch_ups = Counter(
+            "worker_tick_catch_ups", "Ticks run at once, off the 80 ms grid, because a slot had fallen behind",
+            registry=r,
+        )
         self.tick_errors = Counter("worker_tick_errors", "Ticks that raised (the calls in them were ended)", registry=r)
         self.max_slots = Gauge("worker_max_slots", "Call slots of this worker", registry=r)
         self.max_slots.set(max_slots)

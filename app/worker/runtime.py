@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from app.config import WorkerSettings
 from app.personas import Persona, PersonaBook, load_personas
-from app.protocol import FRAME_SAMPLES, Sampling
+from app.protocol import FRAME_SAMPLES, ProtocolError, Sampling
 from app.worker import persona_cache
 from app.worker.context import frames_tensor
 from app.worker.model import lm_checkpoint, loading, mimi_checkpoint, prompts, sampling, tiny
@@ -158,6 +158,22 @@ class Runtime:
         if state is None:
             raise UnknownPersona(persona_id)
         return state
+
+    def check_sampling(self, persona_id: str, sampling: Sampling | None) -> None:
+        """Raise ProtocolError when the call's top-k (its override, or its persona's) does not fit
+        the static candidate widths this worker samples with (set from the personas it serves)."""
+        base = self.personas.personas[persona_id].sampling
+        over = sampling or Sampling()
+        params = self.lm.sampling
+        for name, k, width in (
+            ("text_top_k", _pick(over.text_top_k, base.text_top_k), params.text_width),
+            ("audio_top_k", _pick(over.audio_top_k, base.audio_top_k), params.audio_width),
+        ):
+            if width is not None and not 1 <= k <= width:
+                raise ProtocolError(
+                    f"sampling.{name} {k} is not served here: this worker samples among at most {width} "
+                    "candidates (the largest top-k of its personas)"
+                )
 
     def _set_sampling(self, slot: int, persona_id: str, sampling: Sampling | None) -> None:
         base = self.personas.personas[persona_id].sampling

@@ -184,6 +184,11 @@ class Scheduler:
             call = self._slots[slot]
             return SlotPhase.FREE if call is None else call.phase
 
+    def backlog(self) -> int:
+        """The most caller frames queued in one running slot (ACTIVE or DRAINING)."""
+        with self._lock:
+            return max((len(c.queue) for c in self._slots if c is not None and c.phase in _RUNS), default=0)
+
     def queued(self, slot: int) -> int:
         with self._lock:
             call = self._slots[slot]

@@ -438,7 +438,7 @@ class _Connection:
         try:
             call = self.engine.open(start.call_id, start.persona, start.sampling, self.outbox.sink, start.resume)
         except ProtocolError as exc:
-            logger.warning("call %s: bad resume: %s", start.call_id, exc)
+            logger.warning("call %s: start refused: %s", start.call_id, exc)
             await self._fail(Error(code="bad_request", message=str(exc)))
             return None
         except UnknownPersona:

@@ -217,6 +217,24 @@ def test_other_calls_are_unaffected_by_a_join_and_a_leave(runtime: Runtime) -> N
     assert shared == alone
 
 
+def test_a_top_k_beyond_the_workers_sampling_width_is_refused_at_open(runtime: Runtime) -> None:
+    """The worker samples among a static number of candidates (the personas' largest top-k): a call
+    asking for more is told so at once, not failed inside the engine thread."""
+    from app.protocol import ProtocolError
+
+    engine = make_engine(runtime)
+    width = runtime.lm.sampling.text_width
+    assert width is not None  # the tiny text vocabulary is larger than the personas' top-k
+    with pytest.raises(ProtocolError, match="text_top_k"):
+        engine.open("greedy-for-more", PERSONA, Sampling(text_top_k=width + 1), Outbox())
+    with pytest.raises(ProtocolError, match="audio_top_k"):
+        engine.open("no-filter", PERSONA, Sampling(audio_top_k=0), Outbox())
+    call = engine.open("fits", PERSONA, Sampling(text_top_k=width, seed=1), Outbox())
+    assert call is not None
+    engine.abort(call)
+    engine.step()
+
+
 def test_unknown_persona_and_busy(runtime: Runtime) -> None:
     engine = make_engine(runtime)
     with pytest.raises(UnknownPersona):
@@ -277,6 +295,31 @@ def test_the_thread_answers_a_burst_one_frame_per_tick(runtime: Runtime) -> None
         engine.stop()
     assert not engine.running
     assert engine.stats().busy_ticks == 3
+
+
+def test_frames_queued_during_a_stall_are_caught_up_off_the_grid_not_left_queued(runtime: Runtime) -> None:
+    """Six frames arrive at once (the worker stalled, or the network bunched them): the engine runs
+    ticks back to back until the slot's queue is down to one frame, instead of one per grid point
+    for the rest of the call. A 0.5 s grid makes the difference plain: on the grid alone the six
+    answers would take >= 2.5 s."""
+    engine = make_engine(runtime, tick_s=0.5)
+    engine.start()
+    try:
+        call, out = open_call(engine, "behind", seed=4)
+        assert out.event.wait(5.0)
+        started = time.monotonic()
+        for f in caller_frames(6):
+            engine.push(call, f)
+        deadline = started + 10.0
+        while len(out.of(bytes)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        caught_up_in = time.monotonic() - started
+        assert len(out.of(bytes)) >= 5
+        assert engine.scheduler.queued(call.slot) <= 1
+    finally:
+        engine.stop()
+    assert caught_up_in < 2.0, caught_up_in  # generous; without catch-up it is >= 2.0 s by construction
+    assert engine.stats().catch_ups >= 4
 
 
 def test_stop_tells_open_calls_the_worker_is_shutting_down(runtime: Runtime) -> None:

@@ -203,3 +203,23 @@ def test_requests_from_many_threads_get_distinct_slots_and_wake_the_engine() -> 
 def test_bad_sizes_are_refused(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         Scheduler(**bad)
+
+
+def test_backlog_is_the_longest_queue_of_a_running_call() -> None:
+    """What the engine reads after each tick to decide whether to catch up off the grid: only
+    calls that run count (a call still loading may queue frames without being behind)."""
+    sched = Scheduler(max_slots=3, max_queue_frames=8)
+    assert sched.backlog() == 0
+    a, b = joined(sched, "a"), joined(sched, "b")
+    loading = reserved(sched, "loading")
+    for i in range(5):
+        sched.push_frame(loading, frame(i))
+    sched.push_frame(a, frame(0))
+    for i in range(3):
+        sched.push_frame(b, frame(i))
+    assert sched.backlog() == 3
+    sched.plan_tick()
+    assert sched.backlog() == 2
+    sched.plan_tick()
+    sched.plan_tick()
+    assert sched.backlog() == 0
