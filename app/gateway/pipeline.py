@@ -1,13 +1,18 @@
-"""The per-call Pipecat pipeline for a Twilio media stream.
+"""The per-call Pipecat pipeline, for each channel:
 
-    FastAPIWebsocketTransport(GuardedTwilioSerializer).input()   μ-law 8 kHz -> PCM16 8 kHz frames
-      -> PersonaPlexService                                      8 kHz <-> 24 kHz, worker session
-      -> TranscriptRecorder                                      the bot's text -> call events
-      -> transport.output()                                      PCM16 8 kHz -> μ-law media messages
+    transport.input()                 caller audio as PCM16 frames at the transport's rate
+      -> PersonaPlexService           that rate <-> 24 kHz, the worker session, the bot audio's pacing
+      -> TranscriptRecorder           the bot's text -> call events (and the page, for WebRTC)
+      -> transport.output()           bot audio back to the caller
 
-The pipeline runs at 8 kHz both ways so pipecat's own stream resamplers (which hold up to ~140 ms)
-pass audio through untouched; the service converts with its low-latency resampler instead.
-No VAD, no interruptions, no turn tracking, no idle timeout (the persona's max duration applies).
+Twilio: FastAPIWebsocketTransport(GuardedTwilioSerializer), μ-law 8 kHz <-> PCM16 8 kHz, 20 ms
+media messages. WebRTC: SmallWebRTCTransport (aiortc), Opus <-> PCM16 24 kHz, 20 ms writes.
+
+Each pipeline runs at its transport's own rate both ways, so pipecat's stream resamplers (which
+hold up to ~140 ms) pass audio through untouched; the service converts with its low-latency
+resampler instead. The service's pacer is the one real-time clock of the bot's audio; the output
+transports only write what it hands them (app/pipecat/pacer.py). No VAD, no interruptions, no turn
+tracking, no idle timeout (the persona's max duration applies), no end-of-stream silence.
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.serializers.base_serializer import FrameSerializer
-from pipecat.transports.base_transport import BaseTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 
+from app import protocol
 from app.pipecat.service import PersonaPlexService
 
 TELEPHONE_RATE = 8000
+WEBRTC_RATE = protocol.SAMPLE_RATE  # 24 kHz both ways: the model's own rate
+_CHUNKS_20MS = 2  # audio_out_10ms_chunks: the output transports write 20 ms at a time
 
 
 class TranscriptRecorder(FrameProcessor):
@@ -50,11 +60,7 @@ def call_worker(
     call_id: str,
     sample_rate: int,
 ) -> PipelineWorker:
-    """transport in -> PersonaPlexService -> TranscriptRecorder -> transport out, for one call.
-
-    The pipeline runs at the transport's own rate both ways (the service converts); no VAD,
-    interruptions, turn tracking or idle timeout: the persona's max duration applies.
-    """
+    """transport in -> PersonaPlexService -> TranscriptRecorder -> transport out, for one call."""
     pipeline = Pipeline([transport.input(), service, TranscriptRecorder(on_text), transport.output()])
     return PipelineWorker(
         pipeline,
@@ -85,7 +91,7 @@ def build_twilio_pipeline(
             audio_out_enabled=True,
             audio_in_sample_rate=TELEPHONE_RATE,
             audio_out_sample_rate=TELEPHONE_RATE,
-            audio_out_10ms_chunks=2,  # 20 ms media messages, as Twilio sends them
+            audio_out_10ms_chunks=_CHUNKS_20MS,  # 20 ms media messages, as Twilio sends them
             audio_out_end_silence_secs=0,
             add_wav_header=False,
             allowed_origins=[],  # Twilio sends no Origin; the signature authenticates it
@@ -95,3 +101,29 @@ def build_twilio_pipeline(
         output_name=f"twilio-out-{call_id}",
     )
     return call_worker(transport, service, on_text, call_id=call_id, sample_rate=TELEPHONE_RATE), transport
+
+
+def build_webrtc_pipeline(
+    connection: SmallWebRTCConnection,
+    *,
+    call_id: str,
+    service: PersonaPlexService,
+    on_text: Callable[[str], None],
+) -> tuple[PipelineWorker, SmallWebRTCTransport]:
+    """The transport and the pipeline worker for one browser call, 24 kHz mono both ways."""
+    transport = SmallWebRTCTransport(
+        connection,
+        TransportParams(
+            audio_in_enabled=True,
+            audio_out_enabled=True,
+            audio_in_sample_rate=WEBRTC_RATE,
+            audio_out_sample_rate=WEBRTC_RATE,
+            audio_in_channels=1,
+            audio_out_channels=1,
+            audio_out_10ms_chunks=_CHUNKS_20MS,
+            audio_out_end_silence_secs=0,
+        ),
+        input_name=f"webrtc-in-{call_id}",
+        output_name=f"webrtc-out-{call_id}",
+    )
+    return call_worker(transport, service, on_text, call_id=call_id, sample_rate=WEBRTC_RATE), transport

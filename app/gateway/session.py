@@ -1,17 +1,36 @@
-"""One call's media session on the gateway: the record's lifecycle in Redis around a Pipecat pipeline.
+"""One call on the gateway, from its media connection to its final record: the call lifecycle that
+every channel (Twilio media streams, WebRTC peers) goes through.
 
-Channel-agnostic (Twilio today, WebRTC later): the channel builds the pipeline, the session runs it.
+A channel (app/gateway/twilio.py, app/gateway/webrtc.py) admits a call with its own checks,
+resolves the call's `Persona` once, and hands over a `Channel`: what is specific to it (building
+the transport and pipeline, telling the caller's side why the call ended, closing the
+connection). The rest happens here, the same way for every channel:
 
-    connecting (set by the channel before `run`) -> active on the worker's Ready -> ended:
-      stop from the caller          completed, caller_hangup
-      persona's max_call_seconds    completed, max_duration
-      worker lost / refused / busy  failed, worker_lost / error / busy
-      media stream dropped          failed, error ("closed without a stop message")
+    open_call       record connecting -> PersonaPlexService for the persona, followed by the
+                    session -> the channel's pipeline -> registered live (`state.sessions`)
+    CallSession.run the pipeline until the call ends -> final record -> unregistered -> metrics
+                    -> the channel's connection closed
+
+The persona gives the call's max duration, its worker Start and (Twilio) its transfer number.
+
+Record: connecting (open_call) -> active on the worker's Ready -> ended:
+      the caller hung up                completed, caller_hangup
+      persona's max_call_seconds        completed, max_duration
+      the caller asked for a person     transferring (after-stream TwiML completes it, transfer)
+      worker lost / refused / busy      failed, worker_lost / error / busy
+      the caller's side vanished        failed, error ("closed without a stop message")
+      the gateway shut down             failed, error
 
 A call whose worker is lost or drains moves to another one (PersonaPlexService does it through the
 gateway's router): the record stays active, gets the new worker_id/slot and worker_changes, and an
 event `worker_changed` (old_worker, new_worker, reason, gap_ms, next_frame, resumed_frames). Only
 when no worker can take it over does it end failed, worker_lost.
+
+Ending the pipeline: a call that ends with a reason (any of the above but a vanished caller) gets
+an `EndFrame`: the service sends `protocol.End` with the reason and waits briefly for the worker's
+`Ended`, the output transport plays out what it holds, the connection closes. Only when that takes
+longer than END_TIMEOUT_S, when the caller's side vanished (nothing left to play to), or when the
+gateway task itself is cancelled, is the pipeline cancelled.
 
 Redis writes (transitions, DTMF, marks, the bot's text, timings) go through one queue and one
 writer task, in order, off the media path; the final transition is written after all of them.
@@ -25,44 +44,108 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
+from pipecat.frames.frames import EndFrame
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
 from app import protocol
-from app.callstate import TERMINAL, CallStatus, CallStore, EndReason, InvalidTransition
-from app.gateway.metrics import GatewayMetrics
+from app.callstate import TERMINAL, CallStatus, CallStore, EndReason, InvalidTransition, Reservation
+from app.gateway.state import GatewayState
+from app.personas import Persona
 from app.pipecat.service import PersonaPlexService, WorkerChange
 
 logger = logging.getLogger(__name__)
 
 _COMPLETED_REASONS = frozenset({EndReason.CALLER_HANGUP, EndReason.MAX_DURATION, EndReason.TRANSFER})
 _WRITER_DRAIN_S = 5.0
+END_TIMEOUT_S = 3.0  # an EndFrame's way through the pipeline (End/Ended, play-out, close), then cancel
 
 Op = Callable[[], Awaitable[Any]]
 
 
+class Channel(Protocol):
+    """What a kind of call connection provides to the lifecycle (one instance per call)."""
+
+    name: str  # "twilio" | "webrtc", for logs
+
+    def build(self, call: CallSession, service: PersonaPlexService) -> PipelineWorker:
+        """The call's transport and pipeline around `service`, its events wired to `call`."""
+        ...
+
+    def ended(self, reason: EndReason) -> None:
+        """The call is ending for `reason` (told once, the first reason given)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection to the caller's side (once the record is final)."""
+        ...
+
+
+async def open_call(
+    state: GatewayState,
+    channel: Channel,
+    *,
+    call_id: str,
+    persona: Persona,
+    started_at: float,
+    reservation: Reservation | None = None,
+    **connecting: Any,
+) -> CallSession | None:
+    """Move the record to connecting (with the `connecting` fields), build the call and register it live.
+
+    None when the call did not start: the record could not move to connecting (it is another
+    stream's, or ended meanwhile: it is left alone), or the pipeline could not be built (the record
+    ends failed, error). The reservation passed in is released then; closing the channel's
+    connection is the caller's. Call-state (Redis) errors propagate.
+    """
+    try:
+        await state.store.transition(call_id, CallStatus.CONNECTING, **connecting)
+    except InvalidTransition as exc:
+        logger.warning("call %s: %s", call_id, exc)
+        if reservation is not None:
+            await state.store.release_slot(call_id)
+        return None
+    call = CallSession(state=state, channel=channel, call_id=call_id, persona=persona, started_at=started_at)
+    try:
+        service = state.new_service(call_id, persona, reservation)
+        call.attach(service)
+        call.worker = channel.build(call, service)
+    except Exception as exc:  # the call cannot start: its record must still end and the slot come back
+        logger.exception("call %s: could not build the %s pipeline", call_id, channel.name)
+        await fail_call(state.store, call_id, EndReason.ERROR, f"could not build the pipeline: {exc!r}")
+        if reservation is not None:
+            await state.store.release_slot(call_id)
+        return None
+    state.sessions[call_id] = call
+    return call
+
+
 class CallSession:
-    """Runs one call's pipeline and keeps its Redis record in step."""
+    """One live call: runs its pipeline and keeps its Redis record in step (module docstring)."""
 
     def __init__(
         self,
         *,
+        state: GatewayState,
+        channel: Channel,
         call_id: str,
-        store: CallStore,
-        metrics: GatewayMetrics,
-        max_seconds: float,
+        persona: Persona,
         started_at: float | None = None,
     ) -> None:
         self.call_id = call_id
-        self.store = store
-        self.metrics = metrics
-        self.max_seconds = max_seconds
+        self.persona = persona
+        self.channel = channel
+        self.store: CallStore = state.store
+        self.metrics = state.metrics
+        self._state = state
+        self.max_seconds = float(persona.max_call_seconds)
         self.started_at = started_at if started_at is not None else time.monotonic()  # stream start
         self.end_reason: EndReason | None = None
         self.error: str | None = None
         self.service: PersonaPlexService | None = None
+        self.worker: PipelineWorker | None = None
         self._end_requested = asyncio.Event()
         self._ops: asyncio.Queue[Op | None] = asyncio.Queue()
         self._writer: asyncio.Task | None = None
@@ -75,6 +158,7 @@ class CallSession:
             self.end_reason = reason
             self.error = error
             logger.info("call %s: ending (%s)%s", self.call_id, reason.value, f": {error}" if error else "")
+            self.channel.ended(reason)
         self._end_requested.set()
 
     def note_event(self, kind: str, **data: Any) -> None:
@@ -149,8 +233,20 @@ class CallSession:
             self.request_end(EndReason(reason), detail)
 
     # ---------------------------------------------------------------- running
-    async def run(self, worker: PipelineWorker) -> None:
-        """Run the pipeline until the call ends, then write the final record."""
+    async def run(self) -> None:
+        """Run the call to its end: the pipeline, the final record, then unregister and close."""
+        try:
+            if self.worker is None:
+                raise RuntimeError(f"call {self.call_id} has no pipeline (use open_call)")
+            await self._run_pipeline(self.worker)
+        finally:
+            if self._state.sessions.get(self.call_id) is self:
+                del self._state.sessions[self.call_id]
+            self.metrics.frames_dropped_finished += self.frames_dropped
+            await self.channel.close()
+
+    async def _run_pipeline(self, worker: PipelineWorker) -> None:
+        """Run the pipeline until the call ends, end it (module docstring), write the final record."""
         self._writer = asyncio.create_task(self._write(), name=f"call-{self.call_id}-writer")
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(worker)
@@ -163,7 +259,7 @@ class CallSession:
             if not done:
                 self.request_end(EndReason.MAX_DURATION)
             if not run_task.done():
-                await worker.cancel(reason=(self.end_reason or EndReason.CALLER_HANGUP).value)
+                await self._end(worker, run_task)
             await run_task
         except asyncio.CancelledError:
             logger.warning("call %s: session cancelled (gateway shutting down?)", self.call_id)
@@ -176,6 +272,21 @@ class CallSession:
         finally:
             ended.cancel()
             await asyncio.shield(self._finish())
+
+    async def _end(self, worker: PipelineWorker, run_task: asyncio.Task) -> None:
+        """End the running pipeline: an EndFrame for a call that ends with a reason, bounded by
+        END_TIMEOUT_S; a cancel when the caller's side vanished or the EndFrame took too long."""
+        reason = self.end_reason
+        if reason is None:  # the caller's side is gone: there is nothing left to play out to
+            await worker.cancel(reason=EndReason.CALLER_HANGUP.value)
+            return
+        await worker.queue_frame(EndFrame(reason=reason.value))
+        done, _ = await asyncio.wait({run_task}, timeout=END_TIMEOUT_S)
+        if not done:
+            logger.warning(
+                "call %s: the pipeline did not end within %.0f s, cancelling it", self.call_id, END_TIMEOUT_S
+            )
+            await worker.cancel(reason=reason.value)
 
     async def _write(self) -> None:
         while True:
@@ -226,11 +337,13 @@ class CallSession:
                 self.metrics.calls.labels(status.value, self.end_reason.value).inc()
             await self.store.release_slot(self.call_id)
             logger.info(
-                "call %s: %s (%s)%s",
+                "call %s (%s): %s (%s)%s%s",
                 self.call_id,
+                self.channel.name,
                 status.value,
                 self.end_reason.value,
                 f" frames {fields}" if fields else "",
+                f", playout re-syncs {stats.playout_resyncs}, clock restarts {stats.playout_restarts}" if stats else "",
             )
         except Exception:
             logger.exception("call %s: could not write the end of the call", self.call_id)

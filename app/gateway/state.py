@@ -27,7 +27,7 @@ class GatewayState:
     metrics: GatewayMetrics
     signatures: TwilioSignatures
     router: RedisRouter
-    sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live media session
+    sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live call (session.open_call)
 
     def new_service(
         self, call_id: str, persona: Persona, reservation: Reservation | None = None

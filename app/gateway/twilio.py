@@ -3,7 +3,9 @@
 POST /twilio/voice   TwiML: `<Connect><Stream url=wss://.../twilio/stream>` with the call id and
                      persona as `<Parameter>`s; or, when no worker has a free slot, a polite busy
                      message then `<Dial>` the overflow number or `<Hangup/>`.
-WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call.
+WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call, run
+                     by the gateway's call lifecycle (app/gateway/session.py) with `TwilioStream`
+                     as its channel; its persona is the one the webhook recorded.
 POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call.
 POST /twilio/after-stream  the `<Connect action>`: once the stream ends, `<Dial>` the persona's
                      transfer number for a call the caller asked to transfer (DTMF 0); a call that
@@ -26,6 +28,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, WebSocket
 from fastapi.responses import PlainTextResponse
+from pipecat.pipeline.worker import PipelineWorker
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 from twilio.twiml.voice_response import Connect, VoiceResponse
@@ -34,8 +37,9 @@ from app.callstate import TERMINAL, CallStatus, EndReason, InvalidTransition
 from app.gateway.pipeline import build_twilio_pipeline
 from app.gateway.security import websocket_url
 from app.gateway.serializer import GuardedTwilioSerializer
-from app.gateway.session import CallSession, fail_call
+from app.gateway.session import CallSession, open_call
 from app.gateway.state import GatewayState, gateway_state
+from app.pipecat.service import PersonaPlexService
 
 logger = logging.getLogger(__name__)
 
@@ -209,16 +213,16 @@ async def media_stream(websocket: WebSocket) -> None:
         return
     stream_started = time.monotonic()
     try:
-        session = await _open_session(state, start, stream_started)
+        call = await _open_call(state, websocket, start, stream_started)
     except (RedisError, OSError):
         logger.exception("stream %s: call state unavailable", start.stream_sid)
-        session = None
-    if session is None:
+        call = None
+    if call is None:
         state.metrics.webhooks.labels("stream", "rejected").inc()
         await _close(websocket, 1008)
         return
     state.metrics.webhooks.labels("stream", "started").inc()
-    await _run_call(websocket, state, session, start)
+    await call.run()
 
 
 async def _read_start(websocket: WebSocket, state: GatewayState) -> StreamStart | None:
@@ -288,8 +292,14 @@ def _parse_start(message: dict[str, Any]) -> StreamStart | None:
     )
 
 
-async def _open_session(state: GatewayState, start: StreamStart, stream_started: float) -> CallSession | None:
-    """The call's record moved to connecting, or None when this stream must not go on."""
+async def _open_call(
+    state: GatewayState, websocket: WebSocket, start: StreamStart, stream_started: float
+) -> CallSession | None:
+    """Admit the stream as its call's media session (connecting), or None when it must not go on.
+
+    The persona is resolved here, once: the one the webhook recorded (or, for a stream without a
+    webhook record, the stream's parameter), else the default.
+    """
     call_id = start.call_id or start.call_sid or f"call-{uuid.uuid4().hex}"
     if not _CALL_ID.match(call_id):
         logger.warning("stream %s: invalid call id %r", start.stream_sid, call_id[:80])
@@ -305,76 +315,75 @@ async def _open_session(state: GatewayState, start: StreamStart, stream_started:
     persona = (state.personas.get(wanted) if wanted else None) or state.personas.for_number(None)
     if wanted and persona.id != wanted:
         logger.warning("call %s: unknown persona %r, using %s", call_id, wanted, persona.id)
+    if start.persona and start.persona != persona.id:
+        logger.warning("call %s: the stream asks for persona %r, the call has %s", call_id, start.persona, persona.id)
     if record is None:
         logger.info("call %s: stream without a webhook record, creating it", call_id)
         await state.store.create_call(call_id, channel="twilio", persona=persona.id, twilio_call_sid=start.call_sid)
-    try:
-        await state.store.transition(
-            call_id, CallStatus.CONNECTING, stream_sid=start.stream_sid, twilio_call_sid=start.call_sid
-        )
-    except InvalidTransition as exc:
-        logger.warning("call %s: %s", call_id, exc)
-        return None
-    session = CallSession(
+    return await open_call(
+        state,
+        TwilioStream(websocket, state, start),
         call_id=call_id,
-        store=state.store,
-        metrics=state.metrics,
-        max_seconds=persona.max_call_seconds,
+        persona=persona,
         started_at=stream_started,
+        stream_sid=start.stream_sid,
+        twilio_call_sid=start.call_sid,
     )
-    service = state.new_service(call_id, persona)
-    session.attach(service)
-    return session
 
 
-async def _run_call(websocket: WebSocket, state: GatewayState, session: CallSession, start: StreamStart) -> None:
-    service = session.service
-    if service is None:
-        raise RuntimeError("session without a service")
+class TwilioStream:
+    """A Twilio media stream as a call's `Channel` (app/gateway/session.py).
 
-    persona = state.personas.get(start.persona) if start.persona else None
-    transfer_number = persona.transfer_number if persona is not None else None
+    Its pipeline reads Twilio's messages through GuardedTwilioSerializer: `stop` is the caller's
+    hang-up, DTMF `0` a transfer to the call persona's transfer number (when it has one), DTMF and
+    marks are recorded as events. A stream that closes without `stop` vanished. Twilio learns why
+    the call ended from the `<Connect action>` (after_stream), so `ended` tells it nothing.
+    """
 
-    def on_event(event: str, message: dict[str, Any]) -> None:
-        if event == "stop":
-            session.request_end(EndReason.CALLER_HANGUP)
-        elif event == "dtmf":
-            digit = message.get("dtmf", {}).get("digit")
-            session.note_event("dtmf", digit=str(digit)[:8] if digit is not None else None)
-            if digit == TRANSFER_DIGIT and transfer_number:
-                session.note_event("transfer_requested", to=transfer_number)
-                session.request_end(EndReason.TRANSFER)
-        elif event == "mark":
-            mark = message.get("mark")
-            session.note_event("mark", name=str(mark.get("name"))[:100] if isinstance(mark, dict) else None)
+    name = "twilio"
 
-    try:
+    def __init__(self, websocket: WebSocket, state: GatewayState, start: StreamStart) -> None:
+        self.websocket = websocket
+        self._state = state
+        self._start = start
+
+    def build(self, call: CallSession, service: PersonaPlexService) -> PipelineWorker:
+        transfer_number = call.persona.transfer_number
+
+        def on_event(event: str, message: dict[str, Any]) -> None:
+            if event == "stop":
+                call.request_end(EndReason.CALLER_HANGUP)
+            elif event == "dtmf":
+                digit = message.get("dtmf", {}).get("digit")
+                call.note_event("dtmf", digit=str(digit)[:8] if digit is not None else None)
+                if digit == TRANSFER_DIGIT and transfer_number:
+                    call.note_event("transfer_requested", to=transfer_number)
+                    call.request_end(EndReason.TRANSFER)
+            elif event == "mark":
+                mark = message.get("mark")
+                call.note_event("mark", name=str(mark.get("name"))[:100] if isinstance(mark, dict) else None)
+
         serializer = GuardedTwilioSerializer(
-            start.stream_sid,
-            call_sid=start.call_sid,
+            self._start.stream_sid,
+            call_sid=self._start.call_sid,
             on_event=on_event,
-            on_bad_message=lambda _why: state.metrics.bad_messages.inc(),
+            on_bad_message=lambda _why: self._state.metrics.bad_messages.inc(),
         )
         worker, transport = build_twilio_pipeline(
-            websocket, call_id=session.call_id, serializer=serializer, service=service, on_text=session.note_text
+            self.websocket, call_id=call.call_id, serializer=serializer, service=service, on_text=call.note_text
         )
-    except Exception as exc:  # the call cannot start: its record must still end
-        logger.exception("call %s: could not build the pipeline", session.call_id)
-        await fail_call(state.store, session.call_id, EndReason.ERROR, f"could not build the pipeline: {exc!r}")
-        await _close(websocket, 1011)
-        return
 
-    @transport.event_handler("on_client_disconnected")
-    async def _on_disconnected(_transport: Any, _websocket: WebSocket) -> None:
-        session.request_end(None)
+        @transport.event_handler("on_client_disconnected")
+        async def _on_disconnected(_transport: Any, _websocket: WebSocket) -> None:
+            call.request_end(None)
 
-    state.sessions[session.call_id] = session
-    try:
-        await session.run(worker)
-    finally:
-        state.sessions.pop(session.call_id, None)
-        state.metrics.frames_dropped_finished += session.frames_dropped
-        await _close(websocket, 1000)
+        return worker
+
+    def ended(self, reason: EndReason) -> None:
+        """Nothing to send: the stream closing and the after-stream TwiML tell Twilio the rest."""
+
+    async def close(self) -> None:
+        await _close(self.websocket, 1000)
 
 
 async def _close(websocket: WebSocket, code: int) -> None:

@@ -6,7 +6,8 @@ POST /api/offer       {"sdp", "type": "offer", "persona"} -> {"sdp", "type": "an
                       400 {"error", "message"} for a bad request or SDP, 503 {"error": "busy", ...}
                       when no worker has a free slot (the record ends rejected, busy)
 
-One offer is one call, with the same record and lifecycle as a Twilio call (channel "webrtc"):
+One offer is one call, run by the gateway's call lifecycle (app/gateway/session.py) with
+`BrowserPeer` as its channel: the same record and states as a Twilio call (channel "webrtc"):
 
     ringing (offer accepted) -> connecting (slot reserved, pipeline starting) -> active (worker Ready)
       -> completed caller_hangup   the page's {"type": "hangup"} message, or the browser closed the
@@ -35,7 +36,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,25 +44,22 @@ from aiortc.exceptions import InvalidStateError
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pipecat.pipeline.worker import PipelineWorker
-from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
-from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from app import protocol
 from app.callstate import CallStatus, CallStore, EndReason, Reservation
 from app.config import GatewaySettings
-from app.gateway.pipeline import call_worker
-from app.gateway.session import CallSession, fail_call
-from app.gateway.state import GatewayState, gateway_state
+from app.gateway.pipeline import build_webrtc_pipeline
+from app.gateway.session import CallSession, fail_call, open_call
+from app.gateway.state import gateway_state
 from app.personas import Persona
 from app.pipecat.service import PersonaPlexService
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-SAMPLE_RATE = protocol.SAMPLE_RATE  # 24 kHz both ways: the model's own rate
 MAX_SDP_CHARS = 64_000
 BROWSER_CONNECT_TIMEOUT_S = 20  # offer answered -> the browser's peer connection is up
 BUSY_MESSAGE = "All lines are busy right now. Please try again in a minute."
@@ -122,58 +119,76 @@ class PageChannel:
             logger.info("call %s: could not send %r to the page: %r", self._call_id, kind, exc)
 
 
-class WebRTCCallSession(CallSession):
-    """A CallSession that also tells the page why the call ended (the first reason, as it is given)."""
+class BrowserPeer:
+    """A browser's WebRTC peer connection as a call's `Channel` (app/gateway/session.py).
 
-    def __init__(self, *, page: PageChannel, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.page = page
-        self.browser_connected = asyncio.Event()
-
-    def request_end(self, reason: EndReason | None, error: str | None = None) -> None:
-        first = reason is not None and self.end_reason is None
-        super().request_end(reason, error)
-        if first and reason is not None:
-            self.page.send("ended", reason=reason.value)  # never the detail: it names workers and URLs
-
-    def on_browser_closed(self) -> None:
-        """The browser closed its peer connection: a hang-up once connected, else a failed start."""
-        if self.browser_connected.is_set():
-            self.request_end(EndReason.CALLER_HANGUP)
-        else:
-            self.request_end(EndReason.ERROR, "the browser closed the connection before it was established")
-
-
-def build_webrtc_pipeline(
-    connection: SmallWebRTCConnection,
-    *,
-    call_id: str,
-    service: PersonaPlexService,
-    on_text: Callable[[str], None],
-) -> tuple[PipelineWorker, SmallWebRTCTransport]:
-    """The transport and the pipeline worker for one browser call, 24 kHz both ways.
-
-        SmallWebRTCTransport.input()   Opus -> PCM16 mono 24 kHz frames
-          -> PersonaPlexService        80 ms frames to and from the worker (no resampling at 24 kHz)
-          -> TranscriptRecorder        the bot's text -> call events and the page
-          -> transport.output()        PCM16 24 kHz -> Opus, in 20 ms writes
+    The caller hangs up with the page's {"type": "hangup"}, or by closing the peer connection once
+    it is up; a connection that fails (ICE/DTLS), closes before it is up, or is not up within
+    BROWSER_CONNECT_TIMEOUT_S fails the call (error). The page hears {"type": "status", "status":
+    "active"} on the worker's Ready, the model's text, and why the call ended: {"type": "ended",
+    "reason": ...} once, never the detail (it names workers and URLs).
     """
-    transport = SmallWebRTCTransport(
-        connection,
-        TransportParams(
-            audio_in_enabled=True,
-            audio_out_enabled=True,
-            audio_in_sample_rate=SAMPLE_RATE,
-            audio_out_sample_rate=SAMPLE_RATE,
-            audio_in_channels=1,
-            audio_out_channels=1,
-            audio_out_10ms_chunks=2,
-            audio_out_end_silence_secs=0,
-        ),
-        input_name=f"webrtc-in-{call_id}",
-        output_name=f"webrtc-out-{call_id}",
-    )
-    return call_worker(transport, service, on_text, call_id=call_id, sample_rate=SAMPLE_RATE), transport
+
+    name = "webrtc"
+
+    def __init__(self, connection: SmallWebRTCConnection, call_id: str) -> None:
+        self.connection = connection
+        self.page = PageChannel(connection, call_id)
+        self.connected = False  # the browser's peer connection came up
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def build(self, call: CallSession, service: PersonaPlexService) -> PipelineWorker:
+        page = self.page
+
+        @service.event_handler("on_ready")
+        async def _on_ready(_service: PersonaPlexService, _ready: protocol.Ready) -> None:
+            page.send("status", status="active")
+
+        def on_text(text: str) -> None:
+            call.note_text(text)
+            page.send("text", text=text)
+
+        worker, transport = build_webrtc_pipeline(
+            self.connection, call_id=call.call_id, service=service, on_text=on_text
+        )
+
+        @transport.event_handler("on_client_connected")
+        async def _on_connected(_transport: Any, _connection: SmallWebRTCConnection) -> None:
+            logger.info("call %s: browser connected", call.call_id)
+            self.connected = True
+
+        @transport.event_handler("on_client_disconnected")
+        async def _on_disconnected(_transport: Any, _connection: SmallWebRTCConnection) -> None:
+            if self.connected:
+                call.request_end(EndReason.CALLER_HANGUP)
+            else:
+                call.request_end(EndReason.ERROR, "the browser closed the connection before it was established")
+
+        @transport.event_handler("on_app_message")
+        async def _on_message(_transport: Any, message: Any, _sender: str) -> None:
+            if isinstance(message, dict) and message.get("type") == "hangup":
+                call.request_end(EndReason.CALLER_HANGUP)
+
+        @self.connection.event_handler("failed")
+        async def _on_failed(_connection: SmallWebRTCConnection) -> None:
+            call.request_end(EndReason.ERROR, "the browser connection failed (ICE/DTLS)")
+
+        def _connect_deadline() -> None:
+            if not self.connected:
+                call.request_end(
+                    EndReason.ERROR, f"the browser did not connect within {BROWSER_CONNECT_TIMEOUT_S} s (ICE/DTLS)"
+                )
+
+        self._watchdog = asyncio.get_running_loop().call_later(BROWSER_CONNECT_TIMEOUT_S, _connect_deadline)
+        return worker
+
+    def ended(self, reason: EndReason) -> None:
+        self.page.send("ended", reason=reason.value)  # never the detail: it names workers and URLs
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await _close_quietly(self.connection)
 
 
 @dataclass
@@ -251,31 +266,28 @@ class Softphone:
             raise RuntimeError("aiortc produced no SDP answer")
 
         call_id = f"web-{uuid.uuid4().hex}"
+        peer = BrowserPeer(connection, call_id)
         try:
             reservation = await _ring_and_reserve(state.store, call_id, persona)
+            call = None
+            if reservation is not None:
+                call = await open_call(
+                    state, peer, call_id=call_id, persona=persona, started_at=offered_at, reservation=reservation
+                )
         except (RedisError, OSError):
             logger.exception("call %s: call state unavailable", call_id)
-            await _close_quietly(connection)
+            await peer.close()
             await fail_call(state.store, call_id, EndReason.ERROR, "call state unavailable")
             return _error(503, "unavailable", UNAVAILABLE_MESSAGE)
         if reservation is None:
             state.metrics.calls.labels(CallStatus.REJECTED.value, EndReason.BUSY.value).inc()
             logger.warning("call %s (webrtc, %s): no free slot, rejected", call_id, persona.id)
-            await _close_quietly(connection)
+            await peer.close()
             return _error(503, "busy", BUSY_MESSAGE)
-
-        try:
-            session, worker = _build_call(state, connection, call_id, persona, reservation, offered_at)
-        except Exception as exc:  # the call cannot start: its record must still end and the slot come back
-            logger.exception("call %s: could not build the pipeline", call_id)
-            await fail_call(state.store, call_id, EndReason.ERROR, f"could not build the pipeline: {exc!r}")
-            await state.store.release_slot(call_id)
-            await _close_quietly(connection)
+        if call is None:  # open_call ended the record and released the slot
+            await peer.close()
             return _error(500, "error", "The call could not be started.")
-        state.sessions[call_id] = session
-        task = asyncio.create_task(
-            _run_call(state, session, worker, connection), name=f"call-{call_id}-webrtc"
-        )
+        task = asyncio.create_task(call.run(), name=f"call-{call_id}-webrtc")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         logger.info("call %s (webrtc): persona %s, answering the offer", call_id, persona.id)
@@ -283,94 +295,13 @@ class Softphone:
 
 
 async def _ring_and_reserve(store: CallStore, call_id: str, persona: Persona) -> Reservation | None:
-    """Create the record (ringing) and reserve a slot: connecting, or rejected busy (returns None)."""
+    """Create the record (ringing) and reserve a slot; no slot: the record ends rejected, busy (None)."""
     await store.create_call(call_id, channel="webrtc", persona=persona.id)
     reservation = await store.reserve_slot(call_id)
     if reservation is None:
         await store.end_call(call_id, CallStatus.REJECTED, EndReason.BUSY, error="no worker has a free slot")
         return None
-    await store.transition(call_id, CallStatus.CONNECTING)
     return reservation
-
-
-def _build_call(
-    state: GatewayState,
-    connection: SmallWebRTCConnection,
-    call_id: str,
-    persona: Persona,
-    reservation: Reservation,
-    offered_at: float,
-) -> tuple[WebRTCCallSession, PipelineWorker]:
-    page = PageChannel(connection, call_id)
-    session = WebRTCCallSession(
-        page=page,
-        call_id=call_id,
-        store=state.store,
-        metrics=state.metrics,
-        max_seconds=persona.max_call_seconds,
-        started_at=offered_at,
-    )
-    service = state.new_service(call_id, persona, reservation)
-    session.attach(service)
-
-    @service.event_handler("on_ready")
-    async def _on_ready(_service: PersonaPlexService, _ready: protocol.Ready) -> None:
-        page.send("status", status="active")
-
-    def on_text(text: str) -> None:
-        session.note_text(text)
-        page.send("text", text=text)
-
-    worker, transport = build_webrtc_pipeline(connection, call_id=call_id, service=service, on_text=on_text)
-
-    @transport.event_handler("on_client_connected")
-    async def _on_connected(_transport: Any, _connection: SmallWebRTCConnection) -> None:
-        logger.info("call %s: browser connected", call_id)
-        session.browser_connected.set()
-
-    @transport.event_handler("on_client_disconnected")
-    async def _on_disconnected(_transport: Any, _connection: SmallWebRTCConnection) -> None:
-        session.on_browser_closed()
-
-    @transport.event_handler("on_app_message")
-    async def _on_message(_transport: Any, message: Any, _sender: str) -> None:
-        if isinstance(message, dict) and message.get("type") == "hangup":
-            session.request_end(EndReason.CALLER_HANGUP)
-
-    @connection.event_handler("failed")
-    async def _on_failed(_connection: SmallWebRTCConnection) -> None:
-        session.request_end(EndReason.ERROR, "the browser connection failed (ICE/DTLS)")
-
-    return session, worker
-
-
-async def _run_call(
-    state: GatewayState,
-    session: WebRTCCallSession,
-    worker: PipelineWorker,
-    connection: SmallWebRTCConnection,
-) -> None:
-    """Run the call to its end; a browser that never connects ends it (failed, error)."""
-    watchdog = asyncio.create_task(_connect_watchdog(session), name=f"call-{session.call_id}-connect")
-    try:
-        await session.run(worker)
-    except asyncio.CancelledError:
-        logger.warning("call %s: cancelled", session.call_id)
-        raise
-    finally:
-        watchdog.cancel()
-        state.sessions.pop(session.call_id, None)
-        state.metrics.frames_dropped_finished += session.frames_dropped
-        await _close_quietly(connection)
-
-
-async def _connect_watchdog(session: WebRTCCallSession) -> None:
-    try:
-        await asyncio.wait_for(session.browser_connected.wait(), timeout=BROWSER_CONNECT_TIMEOUT_S)
-    except TimeoutError:
-        session.request_end(
-            EndReason.ERROR, f"the browser did not connect within {BROWSER_CONNECT_TIMEOUT_S} s (ICE/DTLS)"
-        )
 
 
 def ice_servers(settings: GatewaySettings) -> list[IceServer]:

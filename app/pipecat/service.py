@@ -5,35 +5,45 @@ Put it between a transport's input and output, like any speech-to-speech service
     Pipeline([transport.input(), PersonaPlexService(...), transport.output()])
 
 - On `StartFrame` it gets a worker from its `WorkerRouter` (unless it was given a `Reservation`),
-  connects (`Authorization: Bearer <worker token>`), sends `protocol.Start` and waits for
-  `protocol.Ready`. A worker that cannot be reached or refuses (busy, shutting down) is reported
-  to the router and the next one is tried; none left: `busy` (none had a slot) or `worker_lost`.
-- `InputAudioRawFrame`s (any sample rate, mono or interleaved) are converted whole to 24 kHz PCM16
-  and cut into exact 80 ms frames for the worker, from a bounded queue (`send_queue_frames`, the
-  oldest dropped), at most `max_in_flight_frames` unanswered at the worker. Caller audio before
-  the first `Ready` is not sent.
+  connects, sends `protocol.Start` and waits for `protocol.Ready` (app/pipecat/worker_link.py).
+  A worker that cannot be reached or refuses (busy, shutting down) is reported to the router and
+  the next one is tried; none left: `busy` (none had a slot) or `worker_lost`.
+- `InputAudioRawFrame`s (any sample rate, mono or interleaved) become exact 80 ms frames at 24 kHz
+  (app/pipecat/caller_frames.py), sent from a bounded queue (`send_queue_frames`, the oldest
+  dropped), at most `max_in_flight_frames` unanswered at the worker. Caller audio before the
+  first `Ready` is not sent.
 - Every bot frame (`protocol.unpack_bot_frame`) is converted to the pipeline's output rate and
-  pushed downstream as `SpeechOutputAudioRawFrame`, paced in real time from a bounded queue
-  (`output_queue_frames`): a stalled worker leaves nothing to catch up on, a burst beyond the
-  queue is dropped and counted. Its tokens go to the call's `CallTape`.
+  pushed downstream as `SpeechOutputAudioRawFrame` when the `OutputPacer` says it is due: the
+  pacer is the one real-time clock of the bot's audio (app/pipecat/pacer.py says why it is here
+  and what the Twilio and WebRTC output transports do instead). It holds a small playout target
+  (`playout_target_frames`) and re-syncs to it, so a late frame's latency never stays; a burst
+  beyond `output_queue_frames` is dropped. Drops and re-syncs are counted in `SessionStats`.
+  The frame's tokens go to the call's `CallTape` (app/pipecat/tape.py).
 - The model's text is pushed downstream as `TTSTextFrame`s (word pieces, spaces included).
 - Full duplex: no VAD, no interruption frames, nothing cleared when the caller speaks.
 
-Moving a call (needs a router). The service keeps a bounded `CallTape`: the call's complete frames
-(at most MAX_RESUME_FRAMES) and the caller frames it may have to send again. When the worker's
-connection drops, its heartbeat lapses (`WorkerRouter.lapsed`, checked every `heartbeat_check_s`),
-it ends or fails the session, or it sends `protocol.Move` (draining), the service asks the router
-for another worker (avoiding the old one; a lost one is reported), connects with
-`Start(resume=...)` (the seed from the old `Ready`) and swaps the connection under its running
-sender and pacer: answers to caller frames the caller already heard are dropped, the caller
-frames since the resume point are sent again, and the pipeline notices nothing but a short gap.
-On a Move the old worker keeps serving until the new one is found and connected; with no worker
-free it keeps serving and the move is tried again. With the old one gone and no worker within
+Moving a call (needs a router). The tape keeps the call's complete frames (at most
+MAX_RESUME_FRAMES) and the caller frames it may have to send again. When the worker's connection
+drops, its heartbeat lapses (`WorkerRouter.lapsed`, checked every `heartbeat_check_s`), it ends
+or fails the session, or it sends `protocol.Move` (draining), the service asks the router for
+another worker (avoiding the old one; a lost one is reported), connects with `Start(resume=...)`
+(the seed from the old `Ready`) and swaps the connection under its running sender and pacer:
+answers to caller frames the caller already heard are dropped, the caller frames since the
+resume point are sent again, and the pipeline notices nothing but a short gap. On a Move the old
+worker keeps serving until the new one is found and connected; with no worker free it keeps
+serving and the move is tried again. With the old one gone and no worker within
 `failover_timeout_s`, the call fails with `worker_lost`.
 
+Ending:
+- `EndFrame` (a clean end: the caller hung up, max duration, transfer) sends `protocol.End` with
+  the frame's reason, waits up to `end_timeout_s` for the worker's `Ended` (the worker then logs
+  the session as ended, not aborted), closes the connection and releases the slot.
+- `CancelFrame` (the caller's side vanished, the gateway shuts down, or an end took too long)
+  sends `End` too, but does not wait for `Ended`.
 - Failures travel upstream as `ErrorFrame`s (`force_treat_as_permanent`, so the pipeline worker's
   `processor_unusable_policy` applies) and set `end_reason` (busy, worker_lost, error).
-  `EndFrame`/`CancelFrame` send `protocol.End`, close the connection and release the slot.
+
+The service knows workers only through `WorkerRouter` (app/pipecat/router.py): no Redis here.
 
 Event handlers (all awaited in order, keep them short):
     on_ready(service, ready: protocol.Ready)          the first worker holds a slot with the persona
@@ -51,11 +61,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
-import numpy as np
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -69,12 +76,17 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 from pipecat.utils.text.base_text_aggregator import TextType
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from app import protocol
 from app.callstate import EndReason, Reservation
-from app.pipecat.audio import FrameResampler, float_to_pcm16, pcm16_mono
+from app.pipecat.audio import FrameResampler
+from app.pipecat.caller_frames import CallerFrames
+from app.pipecat.pacer import OutputPacer
+from app.pipecat.router import WorkerRouter
+from app.pipecat.tape import CallTape
+from app.pipecat.worker_link import Loss, Refusal, WorkerLink, WorkerSession, close_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -83,26 +95,7 @@ _RESERVE_RETRY_S = 0.25  # while looking for a worker and none has a free slot
 _MOVE_RETRY_S = 1.0  # a Move that found no worker is tried again after this long
 _SILENCE = bytes(protocol.FRAME_BYTES)
 
-
-class WorkerRouter(Protocol):
-    """Where a call's worker comes from (the gateway's is app/gateway/routing.py, on Redis)."""
-
-    async def reserve(self, call_id: str, avoid: frozenset[str]) -> Reservation | None:
-        """A slot for the call on a worker not in `avoid` (the call's reservation moves there);
-        None when no such worker has a free slot."""
-        ...
-
-    async def release(self, call_id: str) -> None:
-        """The call holds no worker slot any more."""
-        ...
-
-    async def report_failure(self, worker_id: str, detail: str) -> None:
-        """A connect to `worker_id` failed or its session was lost: route no new call there for now."""
-        ...
-
-    async def lapsed(self, worker_id: str) -> bool:
-        """True when the worker's heartbeat is known to have lapsed."""
-        ...
+__all__ = ["PersonaPlexService", "SessionStats", "WorkerChange", "WorkerRouter"]
 
 
 @dataclass
@@ -112,7 +105,9 @@ class SessionStats:
     frames_in: int = 0  # caller frames sent to a worker (not counting those sent again after a move)
     frames_received: int = 0  # bot frames received that the caller had not heard yet
     frames_out: int = 0  # bot frames pushed downstream
-    frames_dropped: int = 0  # bot frames dropped: the output queue was full
+    frames_dropped: int = 0  # bot frames never pushed: beyond the output queue, or re-synced away
+    playout_resyncs: int = 0  # times the pacer dropped frames to get back to its playout target
+    playout_restarts: int = 0  # times the pacer's clock restarted: a bot frame came too late to keep time
     input_frames_dropped: int = 0  # caller frames not sent: the send queue was full, or stale after a move
     frames_resent: int = 0  # caller frames sent again to a new worker
     frames_replayed: int = 0  # bot frames of a new worker for frames the caller had already heard
@@ -134,104 +129,6 @@ class WorkerChange:
     gap_ms: float | None = None  # caller-side silence between the two workers' audio (None: not known)
 
 
-class CallTape:
-    """What the gateway keeps of a call so another worker can take it over; bounded.
-
-    Call frame j is the j-th caller frame the call sent (over all its workers). The answer to caller
-    frame j carries the tokens of complete frame j - 1; `completed` frames 0 .. completed - 1 are
-    known, the last `max_frames` of them kept. Caller frames are kept from the oldest a resume
-    needs (MAX_WARM_FRAMES before the resume point) to the newest sent: `caller_frames` of them.
-    """
-
-    def __init__(self, *, max_frames: int = protocol.MAX_RESUME_FRAMES, caller_frames: int) -> None:
-        self.history = protocol.CallHistory(max_frames)  # the complete frames
-        self._caller: deque[bytes] = deque(maxlen=caller_frames)  # caller frames sent - len .. sent - 1
-        self.sent = 0  # caller frames sent (the index of the next one)
-        self.answered = 0  # caller frames whose answer was pushed toward the caller
-
-    @property
-    def completed(self) -> int:
-        """Complete frames known."""
-        return self.history.completed
-
-    @property
-    def max_frames(self) -> int:
-        return self.history.capacity
-
-    def add_caller(self, pcm: bytes) -> int:
-        """Caller frame `sent` (PCM16, one 80 ms frame) was taken for sending; returns its index."""
-        self._caller.append(pcm)
-        self.sent += 1
-        return self.sent - 1
-
-    def caller(self, index: int) -> bytes | None:
-        """Caller frame `index` if still kept."""
-        first = self.sent - len(self._caller)
-        if first <= index < self.sent:
-            return self._caller[index - first]
-        return None
-
-    def add_answer(self, index: int, tokens: np.ndarray | None) -> None:
-        """The answer to caller frame `index` arrived, with the tokens of complete frame index - 1."""
-        if tokens is not None and index - 1 == self.completed:
-            self.history.add(tokens)
-
-    def frames(self) -> np.ndarray:
-        """[n, 17] int16: the last n = min(completed, max_frames) complete frames, oldest first."""
-        return self.history.span(self.history.first, self.completed)
-
-    def resume(self) -> protocol.Resume:
-        """Start.resume for a worker taking the call over at frame `completed`."""
-        n = self.completed
-        warm = [self.caller(i) for i in range(max(0, n - protocol.MAX_WARM_FRAMES), n)]
-        kept = [pcm for pcm in warm if pcm is not None]
-        pcm = np.frombuffer(b"".join(kept), dtype="<i2").reshape(-1, protocol.FRAME_SAMPLES)
-        return protocol.Resume.of(self.frames(), n, pcm)
-
-
-@dataclass
-class _WorkerSession:
-    """One worker connection of the call."""
-
-    ws: ClientConnection
-    reservation: Reservation
-    ready: protocol.Ready
-    base: int  # call frame index of this session's first caller frame (and answer)
-    generation: int  # 0 for the call's first worker, +1 per move
-    next_send: int = 0  # call frame index of the next caller frame to send here
-    last_send_at: float = 0.0  # time.monotonic() of the last caller frame sent here
-    answers: int = 0  # bot frames received from this session
-    replay_until: int = 0  # answers (and text) for call frames below this were heard from an older worker
-    paused: bool = False  # no caller frames go here (the call is moving away)
-    broken: bool = False  # a send failed: the receive loop reports the loss
-    lost_reason: str | None = None  # set by the heartbeat watch before it cuts the connection
-    move: asyncio.Event = field(default_factory=asyncio.Event)  # the worker asked us to move
-
-    @property
-    def worker_id(self) -> str:
-        return self.reservation.worker_id
-
-
-@dataclass(frozen=True)
-class _Loss:
-    """Why a worker session stopped serving the call (the call may move on)."""
-
-    reason: str  # WorkerChange.reason
-    detail: str
-    end_reason: EndReason = EndReason.WORKER_LOST
-    report: bool = True  # tell the router (the worker is suspect)
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    """A worker that could not take the call."""
-
-    end_reason: EndReason
-    detail: str
-    final: bool = False  # no other worker would do better (bad token, unknown persona, a bad message)
-    report: bool = False  # the worker is suspect
-
-
 class PersonaPlexService(AIService):
     """Full-duplex PersonaPlex speech-to-speech for one call (see the module docstring)."""
 
@@ -246,6 +143,7 @@ class PersonaPlexService(AIService):
         sampling: protocol.Sampling | None = None,
         output_sample_rate: int | None = None,
         output_queue_frames: int = 4,
+        playout_target_frames: int = 1,
         send_queue_frames: int = 8,
         max_in_flight_frames: int = 3,
         connect_timeout_s: float = 10.0,
@@ -263,7 +161,9 @@ class PersonaPlexService(AIService):
         reservation: the first worker to use (already reserved).
         sampling: per-call sampling overrides.
         output_sample_rate: rate of the audio pushed downstream (default: the pipeline's output rate).
-        output_queue_frames: bot 80 ms frames buffered toward the caller before dropping.
+        output_queue_frames: bot 80 ms frames buffered toward the caller before dropping (a burst).
+        playout_target_frames: bot frames that may wait behind the one being played before the
+            pacer re-syncs (drops the oldest); at most output_queue_frames - 1.
         send_queue_frames: caller 80 ms frames buffered toward the worker before dropping.
         max_in_flight_frames: caller frames a worker may hold unanswered (at most its own queue, so
             it never drops one: frames are numbered by the order they were sent).
@@ -280,18 +180,17 @@ class PersonaPlexService(AIService):
         super().__init__(settings=ServiceSettings(model=MODEL_NAME), **kwargs)
         self.call_id = call_id
         self.persona = persona
-        self._worker_token = worker_token
         self._router = router
         self._reservation = reservation
         self._sampling = sampling or protocol.Sampling()
         self._output_sample_rate = output_sample_rate
-        self._output_queue_frames = output_queue_frames
         self._max_in_flight = max_in_flight_frames
-        self._connect_timeout_s = connect_timeout_s
-        self._end_timeout_s = end_timeout_s
         self._failover_timeout_s = failover_timeout_s
         self._heartbeat_check_s = heartbeat_check_s
         self._audio_passthrough = audio_passthrough
+        self._link = WorkerLink(
+            call_id=call_id, worker_token=worker_token, connect_timeout_s=connect_timeout_s, end_timeout_s=end_timeout_s
+        )
 
         self.stats = SessionStats()
         # Caller frames kept: the warm-up before the resume point, the frame at it, those in flight
@@ -305,7 +204,7 @@ class PersonaPlexService(AIService):
         self.first_audio_at: float | None = None
 
         self._out_rate = 0
-        self._session: _WorkerSession | None = None
+        self._session: WorkerSession | None = None
         self._candidate: ClientConnection | None = None  # a worker being connected during a move
         self._session_task: asyncio.Task | None = None
         self._recv_task: asyncio.Task | None = None
@@ -313,14 +212,12 @@ class PersonaPlexService(AIService):
         self._sender_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._retry_task: asyncio.Task | None = None  # a Move tried again later
-        self._out_queue: deque[tuple[bytes, int]] = deque()  # (audio, generation), bounded by hand
-        self._out_ready = asyncio.Event()
-        self._in_queue: deque[bytes] = deque()  # caller frames not yet sent, bounded by hand
-        self._send_queue_frames = send_queue_frames
+        self._pacer: OutputPacer[tuple[bytes, int]] = OutputPacer(  # (audio, generation)
+            capacity=output_queue_frames, target_frames=playout_target_frames
+        )
+        self._caller = CallerFrames(send_queue_frames)
         self._send_wake = asyncio.Event()
         self._changes: dict[int, WorkerChange] = {}  # generation -> change not yet told
-        self._in_resampler: FrameResampler | None = None
-        self._in_buffer = np.zeros(0)  # [n] 24 kHz samples waiting to fill a frame
         self._out_resampler = FrameResampler(protocol.SAMPLE_RATE, protocol.SAMPLE_RATE)  # set in setup()
         self._closing = False
         self._shut_down = False
@@ -350,7 +247,7 @@ class PersonaPlexService(AIService):
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
         self.started_at = time.monotonic()
-        self._pacer_task = self.create_task(self._pace_output(), name=f"{self}::pacer")
+        self._pacer_task = self.create_task(self._play_out(), name=f"{self}::pacer")
         self._session_task = self.create_task(self._run_session(), name=f"{self}::session")
 
     async def stop(self, frame: EndFrame) -> None:
@@ -378,17 +275,9 @@ class PersonaPlexService(AIService):
     def _take_caller_audio(self, frame: InputAudioRawFrame) -> None:
         if self.ready is None or self._closing or self.end_reason is not None:
             return
-        if self._in_resampler is None or self._in_resampler.in_rate != frame.sample_rate:
-            self._in_resampler = FrameResampler(frame.sample_rate, protocol.SAMPLE_RATE)
-        mono = pcm16_mono(frame.audio, frame.num_channels)  # [n] at frame.sample_rate
-        self._in_buffer = np.concatenate([self._in_buffer, self._in_resampler.process(mono)])
-        while len(self._in_buffer) >= protocol.FRAME_SAMPLES:
-            chunk = float_to_pcm16(self._in_buffer[: protocol.FRAME_SAMPLES])  # 1920 samples
-            self._in_buffer = self._in_buffer[protocol.FRAME_SAMPLES :]
-            if len(self._in_queue) >= self._send_queue_frames:
-                self._in_queue.popleft()  # drop the oldest: latency stays bounded
-                self.stats.input_frames_dropped += 1
-            self._in_queue.append(chunk)
+        queued, dropped = self._caller.add(frame.audio, frame.sample_rate, frame.num_channels)
+        self.stats.input_frames_dropped += dropped
+        if queued:
             self._send_wake.set()
 
     async def _send_audio(self) -> None:
@@ -401,7 +290,7 @@ class PersonaPlexService(AIService):
             if session is None or session.paused or session.broken:
                 await self._wait_send()
                 continue
-            if session.next_send >= self.tape.sent and not self._in_queue:
+            if session.next_send >= self.tape.sent and not self._caller:
                 await self._wait_send()
                 continue
             if self._window_full(session):
@@ -413,11 +302,12 @@ class PersonaPlexService(AIService):
             if resend:
                 pcm = self.tape.caller(session.next_send)
                 if pcm is None:
-                    logger.warning("call %s: caller frame %d is no longer kept, sending silence",
-                                   self.call_id, session.next_send)
+                    logger.warning(
+                        "call %s: caller frame %d is no longer kept, sending silence", self.call_id, session.next_send
+                    )
                     pcm = _SILENCE
             else:
-                pcm = self._in_queue.popleft()
+                pcm = self._caller.pop()
                 self.tape.add_caller(pcm)
             session.next_send += 1
             session.last_send_at = time.monotonic()
@@ -431,7 +321,7 @@ class PersonaPlexService(AIService):
             else:
                 self.stats.frames_in += 1
 
-    def _window_full(self, session: _WorkerSession) -> bool:
+    def _window_full(self, session: WorkerSession) -> bool:
         return session.next_send - (session.base + session.answers) >= self._max_in_flight
 
     async def _wait_send(self, timeout_s: float | None = None) -> None:
@@ -465,10 +355,10 @@ class PersonaPlexService(AIService):
             if not self._closing:
                 # The session ended on its own (failure or worker close): free the slot now.
                 if self._session is not None:
-                    await _close_quietly(self._session.ws)
+                    await close_quietly(self._session.ws)
                 await self._release_slot()
 
-    async def _follow(self, session: _WorkerSession) -> None:
+    async def _follow(self, session: WorkerSession) -> None:
         """Serve the call from `session`, moving it to another worker when needed, until it ends."""
         self._recv_task = self.create_task(self._receive(session), name=f"{self}::receive")
         while True:
@@ -488,11 +378,13 @@ class PersonaPlexService(AIService):
                 new = await self._move(session, None, loss)
             else:
                 if self._router is None:
-                    logger.warning("call %s: worker %s asks to move the call, but there is no router",
-                                   self.call_id, session.worker_id)
+                    logger.warning(
+                        "call %s: worker %s asks to move the call, but there is no router",
+                        self.call_id, session.worker_id,
+                    )
                     session.move.clear()
                     continue
-                new = await self._move(session, recv, _Loss("draining", "the worker is draining", report=False))
+                new = await self._move(session, recv, Loss("draining", "the worker is draining", report=False))
                 if new is session:  # no worker free: stay, and try again in a while
                     session.move.clear()
                     if self._retry_task is not None and not self._retry_task.done():
@@ -506,7 +398,18 @@ class PersonaPlexService(AIService):
             session = new
             self._recv_task = self.create_task(self._receive(session), name=f"{self}::receive")
 
-    async def _first_session(self) -> _WorkerSession | None:
+    async def _receive(self, session: WorkerSession) -> Loss | None:
+        """The session's messages until it stops serving: a Loss (the call may move), or None
+        (ended by us, or failed for good: `_fail` was called)."""
+        outcome = await self._link.receive(
+            session, on_bot_frame=self._take_bot_frame, on_text=self._push_text, closing=lambda: self._closing
+        )
+        if isinstance(outcome, Refusal):
+            await self._fail(outcome.end_reason, outcome.detail)
+            return None
+        return outcome
+
+    async def _first_session(self) -> WorkerSession | None:
         """Reserve and connect the call's first worker, trying the next one after a failure."""
         avoid: set[str] = set()
         reservation = self._reservation
@@ -518,8 +421,8 @@ class PersonaPlexService(AIService):
         start = protocol.Start(call_id=self.call_id, persona=self.persona, sampling=self._sampling)
         while True:
             self._reservation = reservation
-            opened = await self._open(reservation, start, base=0, generation=0)
-            if isinstance(opened, _WorkerSession):
+            opened = await self._link.open(reservation, start, base=0, generation=0)
+            if isinstance(opened, WorkerSession):
                 return opened
             avoid.add(reservation.worker_id)
             if opened.report and self._router is not None:
@@ -533,9 +436,7 @@ class PersonaPlexService(AIService):
                 return None
             logger.info("call %s: trying worker %s next", self.call_id, reservation.worker_id)
 
-    async def _move(
-        self, old: _WorkerSession, old_recv: asyncio.Task | None, loss: _Loss
-    ) -> _WorkerSession | None:
+    async def _move(self, old: WorkerSession, old_recv: asyncio.Task | None, loss: Loss) -> WorkerSession | None:
         """Move the call off `old` to another worker (module docstring).
 
         old_recv: the old session's receive loop while the old worker still serves (a Move), else
@@ -552,7 +453,7 @@ class PersonaPlexService(AIService):
                 await self._report(old.worker_id, loss.detail)
         deadline = time.monotonic() + self._failover_timeout_s
         avoid = {old.worker_id}
-        last = loss.detail
+        reason, last = loss.reason, loss.detail
         while True:
             if old_recv is not None and old_recv.done():  # the old worker went away meanwhile
                 gone = old_recv.result()
@@ -560,8 +461,7 @@ class PersonaPlexService(AIService):
                 old.paused = True
                 if gone is None:
                     return None
-                loss = gone
-                last = gone.detail
+                reason, last = gone.reason, gone.detail
                 if gone.report:
                     await self._report(old.worker_id, gone.detail)
                 logger.warning("call %s: worker %s went away while moving: %s", self.call_id, old.worker_id, last)
@@ -577,13 +477,14 @@ class PersonaPlexService(AIService):
             if reservation is None:
                 pause = asyncio.ensure_future(asyncio.sleep(min(_RESERVE_RETRY_S, remaining)))
                 try:
-                    await asyncio.wait({pause} | ({old_recv} if old_recv is not None else set()),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {pause} | ({old_recv} if old_recv is not None else set()), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     pause.cancel()
                 continue
-            opened = await self._resume_on(reservation, old, old_recv)
-            if isinstance(opened, _WorkerSession):
+            opened = await self._resume_on(reservation, old, old_recv, reason)
+            if isinstance(opened, WorkerSession):
                 self._reservation = reservation
                 return opened
             avoid.add(reservation.worker_id)
@@ -608,11 +509,12 @@ class PersonaPlexService(AIService):
             return None
 
     async def _resume_on(
-        self, reservation: Reservation, old: _WorkerSession, old_recv: asyncio.Task | None
-    ) -> _WorkerSession | _Refusal:
-        """Connect to `reservation`'s worker, then stop feeding `old` and resume the call there."""
-        ws = await self._connect(reservation)
-        if isinstance(ws, _Refusal):
+        self, reservation: Reservation, old: WorkerSession, old_recv: asyncio.Task | None, reason: str
+    ) -> WorkerSession | Refusal:
+        """Connect to `reservation`'s worker, then stop feeding `old` and resume the call there
+        (`reason`: why the call moves, for the WorkerChange)."""
+        ws = await self._link.connect(reservation)
+        if isinstance(ws, Refusal):
             return ws
         self._candidate = ws
         installed = False
@@ -625,23 +527,25 @@ class PersonaPlexService(AIService):
                 sampling=self._sampling.model_copy(update={"seed": old.ready.seed}),
                 resume=self.tape.resume() if base else None,
             )
-            opened = await self._send_start(ws, reservation, start, base=base, generation=old.generation + 1)
-            if isinstance(opened, _Refusal):
-                await _close_quietly(ws)
+            opened = await self._link.start(ws, reservation, start, base=base, generation=old.generation + 1)
+            if isinstance(opened, Refusal):
+                await close_quietly(ws)
                 return opened
             if opened.ready.next_frame != base:
-                logger.warning("call %s: worker %s resumed at frame %d, asked %d",
-                               self.call_id, reservation.worker_id, opened.ready.next_frame, base)
+                logger.warning(
+                    "call %s: worker %s resumed at frame %d, asked %d",
+                    self.call_id, reservation.worker_id, opened.ready.next_frame, base,
+                )
             if old_recv is not None:
                 await self.cancel_task(old_recv)
-                await self._end_quietly(old.ws, "moved")
-            await _close_quietly(old.ws)
+                await self._link.end(old.ws, "moved")
+            await close_quietly(old.ws)
             self._install(opened)
             installed = True
             change = WorkerChange(
                 old_worker=old.worker_id,
                 new_worker=reservation.worker_id,
-                reason=self._loss_reason(old, old_recv),
+                reason=reason,
                 next_frame=base,
                 resumed_frames=min(base, self.tape.max_frames),
                 slot=opened.ready.slot,
@@ -658,152 +562,15 @@ class PersonaPlexService(AIService):
             if not installed:
                 ws.transport.abort()  # refused, failed or cancelled (the call ended meanwhile): drop it
 
-    def _loss_reason(self, old: _WorkerSession, old_recv: asyncio.Task | None) -> str:
-        if old_recv is not None:
-            return "draining"
-        return old.lost_reason or "connection_lost"
-
-    def _install(self, session: _WorkerSession) -> None:
+    def _install(self, session: WorkerSession) -> None:
         """Make `session` the serving one: send it the caller frames from its base on, dropping
         frames that went stale while no worker served the call (only a window's worth stays)."""
         session.next_send = session.base
         session.replay_until = self.tape.answered
         pending = self.tape.sent - session.base
-        keep = max(1, self._max_in_flight - pending)
-        while len(self._in_queue) > keep:
-            self._in_queue.popleft()
-            self.stats.input_frames_dropped += 1
+        self.stats.input_frames_dropped += self._caller.trim(max(1, self._max_in_flight - pending))
         self._session = session
         self._send_wake.set()
-
-    async def _open(
-        self, reservation: Reservation, start: protocol.Start, *, base: int, generation: int
-    ) -> _WorkerSession | _Refusal:
-        ws = await self._connect(reservation)
-        if isinstance(ws, _Refusal):
-            return ws
-        try:
-            opened = await self._send_start(ws, reservation, start, base=base, generation=generation)
-        except BaseException:  # cancelled (the call ended) or a bug: the connection must not linger
-            ws.transport.abort()
-            raise
-        if isinstance(opened, _Refusal):
-            await _close_quietly(ws)
-        return opened
-
-    async def _connect(self, reservation: Reservation) -> ClientConnection | _Refusal:
-        url = reservation.url.rstrip("/") + protocol.SESSION_PATH
-        try:
-            return await asyncio.wait_for(
-                connect(
-                    url,
-                    additional_headers={"Authorization": f"Bearer {self._worker_token}"},
-                    compression=None,
-                    proxy=None,
-                    open_timeout=None,
-                    close_timeout=1.0,
-                    max_size=2**20,
-                ),
-                timeout=self._connect_timeout_s,
-            )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            detail = f"worker {reservation.worker_id} refused the session: HTTP {status}"
-            if status in (401, 403):
-                return _Refusal(EndReason.ERROR, detail + " (check WORKER_TOKEN)", final=True)
-            return _Refusal(EndReason.WORKER_LOST, detail, report=True)
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            return _Refusal(
-                EndReason.WORKER_LOST,
-                f"cannot connect to worker {reservation.worker_id} at {url}: {exc!r}",
-                report=True,
-            )
-
-    async def _send_start(
-        self, ws: ClientConnection, reservation: Reservation, start: protocol.Start, *, base: int, generation: int
-    ) -> _WorkerSession | _Refusal:
-        """Send Start and wait for Ready."""
-        worker = reservation.worker_id
-        try:
-            await ws.send(protocol.encode(start))
-            async with asyncio.timeout(self._connect_timeout_s):
-                while True:
-                    message = await ws.recv()
-                    if isinstance(message, bytes):
-                        logger.warning("call %s: audio before ready from worker %s, ignored", self.call_id, worker)
-                        continue
-                    reply = protocol.decode_server(message)
-                    if isinstance(reply, protocol.Ready):
-                        return _WorkerSession(
-                            ws=ws, reservation=reservation, ready=reply, base=base, generation=generation
-                        )
-                    if isinstance(reply, protocol.Error):
-                        return _refusal_for(reply, worker)
-                    if isinstance(reply, protocol.Ended):
-                        return _Refusal(
-                            EndReason.WORKER_LOST, f"worker {worker} ended the session before ready: {reply.reason}"
-                        )
-                    if isinstance(reply, protocol.Move):
-                        return _Refusal(EndReason.WORKER_LOST, f"worker {worker} is draining ({reply.reason})")
-        except TimeoutError:
-            return _Refusal(
-                EndReason.WORKER_LOST,
-                f"worker {worker} sent no ready within {self._connect_timeout_s:g} s",
-                report=True,
-            )
-        except ConnectionClosed as exc:
-            return _Refusal(EndReason.WORKER_LOST, f"worker {worker} closed before ready: {exc}", report=True)
-        except protocol.ProtocolError as exc:
-            return _Refusal(EndReason.ERROR, f"worker {worker} sent a bad message: {exc}", final=True)
-        return _Refusal(EndReason.ERROR, f"worker {worker}: no ready")  # not reached: the loop returns
-
-    async def _receive(self, session: _WorkerSession) -> _Loss | None:
-        """The session's messages until it stops serving: a _Loss (the call may move), or None
-        (ended by us, or failed for good: `_fail` was called)."""
-        ws = session.ws
-        try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    self._take_bot_frame(session, message)
-                    continue
-                try:
-                    reply = protocol.decode_server(message)
-                except protocol.ProtocolError as exc:
-                    logger.warning("call %s: ignoring a bad message from the worker: %s", self.call_id, exc)
-                    continue
-                if isinstance(reply, protocol.Text):
-                    if session.base + reply.frame >= session.replay_until:  # frame: the session's output index
-                        await self._push_text(reply.text)
-                elif isinstance(reply, protocol.Move):
-                    logger.info("call %s: worker %s asks to move the call (%s)",
-                                self.call_id, session.worker_id, reply.reason)
-                    session.move.set()
-                elif isinstance(reply, protocol.Error):
-                    if self._closing:
-                        return None
-                    if reply.code in ("shutting_down", "internal", "busy"):
-                        return _Loss(
-                            "worker_error",
-                            f"worker refused the session ({reply.code}): {reply.message}",
-                            report=reply.code == "internal",
-                        )
-                    await self._fail(*_error_reason(reply))
-                    return None
-                elif isinstance(reply, protocol.Ended):
-                    if self._closing:
-                        return None
-                    return _Loss("worker_ended", f"worker ended the session: {reply.reason}", report=False)
-        except ConnectionClosed as exc:
-            if self._closing:
-                return None
-            if session.lost_reason == "heartbeat_lapsed":
-                return _Loss("heartbeat_lapsed", f"worker {session.worker_id} missed its heartbeat")
-            return _Loss("connection_lost", f"worker connection lost: {exc}")
-        if self._closing:
-            return None
-        if session.lost_reason == "heartbeat_lapsed":
-            return _Loss("heartbeat_lapsed", f"worker {session.worker_id} missed its heartbeat")
-        return _Loss("connection_lost", "worker connection closed")
 
     async def _watch_heartbeat(self) -> None:
         """Cut the serving worker's connection once its heartbeat has lapsed (the receive loop
@@ -846,7 +613,7 @@ class PersonaPlexService(AIService):
         await self.push_error(f"call {self.call_id}: {detail}", force_treat_as_permanent=True)
 
     # ------------------------------------------------------------------ worker -> caller
-    def _take_bot_frame(self, session: _WorkerSession, data: bytes) -> None:
+    def _take_bot_frame(self, session: WorkerSession, data: bytes) -> None:
         index = session.base + session.answers  # the caller frame this answers
         session.answers += 1
         self._send_wake.set()  # the window moved
@@ -862,28 +629,20 @@ class PersonaPlexService(AIService):
         self.tape.answered = index + 1
         self.stats.frames_received += 1
         audio = self._out_resampler.process_pcm16(pcm)
-        if len(self._out_queue) >= self._output_queue_frames:
-            self._out_queue.popleft()  # drop the oldest: latency stays bounded
-            self.stats.frames_dropped += 1
-        self._out_queue.append((audio, session.generation))
-        self._out_ready.set()
+        self.stats.frames_dropped += self._pacer.put((audio, session.generation))
 
-    async def _pace_output(self) -> None:
-        """Push one bot frame per 80 ms at most; never catch up after a stall."""
-        due: float | None = None
+    async def _play_out(self) -> None:
+        """Push each bot frame downstream when the pacer says it is due (app/pipecat/pacer.py)."""
         generation = 0
         last_end: float | None = None  # when the last pushed frame has played out
         while True:
-            while not self._out_queue:
-                self._out_ready.clear()
-                await self._out_ready.wait()
-            audio, frame_generation = self._out_queue.popleft()
-            now = time.monotonic()
-            if due is None or now >= due:
-                due = now
-            else:
-                await asyncio.sleep(due - now)
-            due += protocol.FRAME_SECONDS
+            paced = await self._pacer.next()
+            if paced.dropped:
+                self.stats.frames_dropped += paced.dropped
+                self.stats.playout_resyncs += 1
+            if paced.restarted:
+                self.stats.playout_restarts += 1
+            audio, frame_generation = paced.item
             await self.push_frame(SpeechOutputAudioRawFrame(audio=audio, sample_rate=self._out_rate, num_channels=1))
             pushed = time.monotonic()
             self.stats.frames_out += 1
@@ -914,17 +673,22 @@ class PersonaPlexService(AIService):
 
     # ------------------------------------------------------------------ teardown
     async def _shutdown(self, *, reason: str, graceful: bool) -> None:
-        """End the worker session (End, wait briefly for Ended), stop the tasks, release the slot."""
+        """End the worker session (End; graceful: wait briefly for Ended), stop the tasks, release the slot."""
         if self._shut_down:
             return
         self._shut_down = True
         self._closing = True
         session = self._session
         if session is not None:
-            await self._end_quietly(session.ws, reason)
+            await self._link.end(session.ws, reason)
             recv = self._recv_task
             if graceful and recv is not None and not recv.done():
-                await asyncio.wait({recv}, timeout=self._end_timeout_s)
+                done, _ = await asyncio.wait({recv}, timeout=self._link.end_timeout_s)
+                if not done:
+                    logger.warning(
+                        "call %s: worker %s sent no ended within %.1f s",
+                        self.call_id, session.worker_id, self._link.end_timeout_s,
+                    )
         tasks = (
             self._sender_task, self._watch_task, self._retry_task, self._pacer_task, self._recv_task, self._session_task
         )
@@ -937,14 +701,8 @@ class PersonaPlexService(AIService):
             await self._tell_changes(up_to=max(self._changes), gap_ms=None)
         for ws in (session.ws if session is not None else None, self._candidate):
             if ws is not None:
-                await _close_quietly(ws)
+                await close_quietly(ws)
         await self._release_slot()
-
-    async def _end_quietly(self, ws: ClientConnection, reason: str) -> None:
-        try:
-            await asyncio.wait_for(ws.send(protocol.encode(protocol.End(reason=reason))), timeout=self._end_timeout_s)
-        except (ConnectionClosed, TimeoutError, OSError) as exc:
-            logger.info("call %s: could not send end to the worker: %r", self.call_id, exc)
 
     async def _release_slot(self) -> None:
         if self._released or self._router is None:
@@ -956,21 +714,6 @@ class PersonaPlexService(AIService):
             logger.exception("call %s: could not release the worker slot", self.call_id)
 
 
-def _refusal_for(error: protocol.Error, worker: str) -> _Refusal:
-    detail = f"worker {worker} refused the session ({error.code}): {error.message}"
-    if error.code == "busy":
-        return _Refusal(EndReason.BUSY, detail)
-    if error.code == "shutting_down":
-        return _Refusal(EndReason.WORKER_LOST, detail)
-    if error.code == "internal":
-        return _Refusal(EndReason.WORKER_LOST, detail, report=True)
-    return _Refusal(EndReason.ERROR, detail, final=True)
-
-
-def _error_reason(error: protocol.Error) -> tuple[EndReason, str]:
-    return EndReason.ERROR, f"worker refused the session ({error.code}): {error.message}"
-
-
 def _reason_text(reason: object) -> str:
     if isinstance(reason, str) and reason:
         return reason[:100]
@@ -980,10 +723,3 @@ def _reason_text(reason: object) -> str:
 async def _set_later(event: asyncio.Event, delay_s: float) -> None:
     await asyncio.sleep(delay_s)
     event.set()
-
-
-async def _close_quietly(ws: ClientConnection) -> None:
-    try:
-        await ws.close()
-    except (OSError, WebSocketException) as exc:
-        logger.info("closing the worker connection: %r", exc)

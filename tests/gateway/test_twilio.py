@@ -147,6 +147,49 @@ async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle
     assert [e.reason for e in fake_worker.ends] == ["caller_hangup"]
 
 
+async def test_a_caller_hang_up_ends_the_worker_session_with_end_and_waits_for_ended(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """A clean hang-up is no abort: the worker gets End(caller_hangup) and the gateway stays for its Ended."""
+    fake_worker.ended_delay_s = 0.3  # the worker takes a moment to leave its slot, as a real one does
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml, stream = await answer(http, gateway, call_sid)
+    await stream.play(tone(0.6))
+    await stream.stop()
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    (session,) = fake_worker.sessions
+    assert session.ended is not None and session.ended.reason == "caller_hangup"
+    assert session.ended_sent  # the gateway did not hang up on the worker before its Ended
+    assert await store.free_slots() == 1
+
+
+async def test_the_webhook_persona_serves_the_call_and_its_transfer_whatever_the_stream_says(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """The persona is resolved once per call: the webhook's, even if the stream's parameter says otherwise."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory()
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid, to="+15550100001")  # waste-management: transfer +15550100091
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+    await stream.start({**twiml.parameters, "persona": "restaurant-orders"})  # transfer +15550100092
+    await stream.play(tone(0.3))
+    await stream.send(stream.dtmf("0"))
+    assert await stream.wait_closed_by_server(5.0)
+    deadline = time.monotonic() + 5
+    while (record := await store.get_call(call_sid)).status != "transferring" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert record.status == "transferring" and record.persona == "waste-management"
+    assert [s.persona for s in fake_worker.starts] == ["waste-management"]
+    assert [e["to"] for e in await store.events(call_sid) if e["type"] == "transfer_requested"] == ["+15550100091"]
+    after = parse_twiml((await post_signed(http, twiml.connect_action or "", {"CallSid": call_sid})).text)
+    assert after.dial == "+15550100091"
+    assert [e.reason for e in fake_worker.ends] == ["transfer"]
+
+
 async def test_dtmf_0_transfers_the_caller_to_the_personas_transfer_number(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:
@@ -246,6 +289,8 @@ async def test_the_persona_max_duration_ends_the_call(
     record = await wait_for_end(store, call_sid)
     assert (record.status, record.end_reason) == ("completed", "max_duration")
     assert await store.free_slots() == 1
+    (session,) = fake_worker.sessions  # ended like a hang-up, not cut off
+    assert session.ended is not None and session.ended.reason == "max_duration" and session.ended_sent
 
 
 async def test_losing_the_worker_fails_the_call_with_worker_lost(

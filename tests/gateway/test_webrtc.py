@@ -135,6 +135,7 @@ async def test_a_browser_call_streams_24khz_both_ways_and_hang_up_completes_it(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:
     """The fake worker echoes the caller: a 5 kHz tone comes back, which an 8 kHz phone path would remove."""
+    fake_worker.ended_delay_s = 0.3  # the worker takes a moment to leave its slot, as a real one does
     await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
     gateway = gateway_factory()
     peer = SoftphonePeer.create(tone_hz=5000.0)
@@ -165,7 +166,9 @@ async def test_a_browser_call_streams_24khz_both_ways_and_hang_up_completes_it(
     assert (await store.transcript(call_id)).startswith("".join(texts))  # more text may follow the snapshot
     assert record.pickup_ms is not None and record.frames_out and record.frames_out > 10
     assert await free_slots_soon(store, 2) == 2
-    assert fake_worker.ends and fake_worker.starts[0].persona == "waste-management"
+    assert fake_worker.starts[0].persona == "waste-management"
+    (session,) = fake_worker.sessions  # a hang-up ends the worker session cleanly: End, then its Ended
+    assert session.ended is not None and session.ended.reason == "caller_hangup" and session.ended_sent
 
 
 async def test_worker_lost_is_told_to_the_page_and_fails_the_call(

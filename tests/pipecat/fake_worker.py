@@ -8,8 +8,11 @@ A resumed Start (`Start.resume`) continues the call's frame numbering at `resume
 Its tokens are easy to check: complete call frame i is 17 times the value `frame_token(i)`, so the
 answer to caller frame j carries `frame_token(j - 1)` (none for j = 0), on whichever worker.
 
-Knobs make it refuse, stall/burst, drop the connection without a close, ask to move the call
-(`move_after`), or die like a killed process (`kill`).
+Knobs make it refuse, stall/burst (`hold_frames`, or once: `stall_after`), drop the connection
+without a close, ask to move the call (`move_after`), take its time to answer End (`ended_delay_s`,
+as a real worker finishing its tick does), or die like a killed process (`kill`). Each session
+records the End it got and whether its Ended still reached the gateway (`ended_sent`): a gateway
+that hangs up right after End never hears it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class FakeSession:
     next_frame: int  # call frame index of its first caller frame
     frames: list[bytes] = field(default_factory=list)  # caller frames received, in order
     ended: protocol.End | None = None
+    ended_sent: bool = False  # our Ended went out before the gateway closed the connection
 
 
 @dataclass
@@ -59,6 +63,9 @@ class FakeWorker:
     hold_frames: int = 0  # hold this many replies, then send them in one burst
     drop_after: int | None = None  # abort the TCP connection after this many caller frames
     move_after: int | None = None  # send Move after this many caller frames of a session
+    stall_after: int | None = None  # once, after this many caller frames, answer nothing for stall_s
+    stall_s: float = 0.0
+    ended_delay_s: float = 0.0  # wait this long before answering End with Ended
     seed: int = DEFAULT_SEED  # Ready.seed when Start.sampling has none
 
     starts: list[protocol.Start] = field(default_factory=list)
@@ -137,8 +144,10 @@ class FakeWorker:
                 if isinstance(end, protocol.End):
                     self.ends.append(end)
                     session.ended = end
+                    await asyncio.sleep(self.ended_delay_s)
                     ended = protocol.Ended(reason=end.reason, frames_in=count, frames_out=self.frames_out)
                     await ws.send(protocol.encode(ended))
+                    session.ended_sent = True
                     return
                 continue
             protocol.check_frame(message)
@@ -161,6 +170,8 @@ class FakeWorker:
                 await ws.send(protocol.encode(protocol.Text(text=f" word{index + 1}", frame=count - 1)))
             if self.move_after is not None and count == self.move_after:
                 await ws.send(protocol.encode(protocol.Move(reason="draining")))
+            if self.stall_after is not None and count == self.stall_after:
+                await asyncio.sleep(self.stall_s)  # the caller frames meanwhile wait in the socket
 
 
 class FakeWorkerThread:

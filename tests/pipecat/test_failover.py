@@ -19,7 +19,8 @@ from pipecat.tests.utils import SleepFrame, run_test
 from app import protocol
 from app.callstate import CallStore
 from app.gateway.routing import RedisRouter
-from app.pipecat.service import CallTape, PersonaPlexService, WorkerChange
+from app.pipecat.service import PersonaPlexService, WorkerChange
+from app.pipecat.tape import CallTape
 from tests.pipecat.fake_worker import DEFAULT_SEED, TOKEN, FakeWorker, frame_token
 
 PARAMS = PipelineParams(audio_in_sample_rate=protocol.SAMPLE_RATE, audio_out_sample_rate=protocol.SAMPLE_RATE)

@@ -16,12 +16,14 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
+from app import protocol
 from app.callstate import CallStore, Reservation
 from app.gateway.routing import RedisRouter
 from app.pipecat.service import PersonaPlexService
 from tests.pipecat.fake_worker import TOKEN, FakeWorker
 
 PARAMS = PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000)
+MODEL_PARAMS = PipelineParams(audio_in_sample_rate=protocol.SAMPLE_RATE, audio_out_sample_rate=protocol.SAMPLE_RATE)
 PHONE_RATE = 8000
 
 
@@ -69,8 +71,10 @@ async def test_caller_audio_in_bot_audio_out_at_output_rate_paced(fake_worker: F
     # The echoing worker returns the caller's 1 kHz tone: it survives 8k -> 24k -> 8k.
     body = b"".join(f.audio for f in audio[2:])
     assert abs(dominant_hz(body, PHONE_RATE) - 1000) < 20
-    # Real-time pacing: never faster than one 80 ms frame per 80 ms.
-    assert min(np.diff(pushed_at)) > 0.07
+    # Real-time pacing: one 80 ms frame per 80 ms; a frame the worker sent a little late (up to the
+    # pacer's tolerance, half a frame) goes out at once and the next one on time, never sooner.
+    assert min(np.diff(pushed_at)) > 0.08 - 0.04 - 0.005
+    assert pushed_at[-1] - pushed_at[0] > 0.08 * (len(pushed_at) - 1) - 0.04 - 0.005
     texts = [f.text for f in down if isinstance(f, TTSTextFrame)]
     assert "".join(texts) == " word5 word10"
     assert not [f for f in up if isinstance(f, ErrorFrame)]
@@ -102,6 +106,42 @@ async def test_a_burst_beyond_the_output_queue_is_dropped_and_counted(fake_worke
     assert len(audio) == stats.frames_out <= 3  # the queue holds 2 (+1 being pushed): no backlog
     assert stats.frames_dropped >= 7
     assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.asyncio
+async def test_after_a_worker_stall_the_bot_audio_is_back_to_a_short_delay(fake_worker: FakeWorker) -> None:
+    """A stalled worker answers late, then all at once: the caller must not keep that delay."""
+    fake_worker.stall_after, fake_worker.stall_s = 8, 0.6
+    service = service_for(fake_worker)
+    arrived: dict[int, float] = {}
+    played: dict[int, float] = {}
+
+    def number(frame: Frame) -> int:
+        return int(np.frombuffer(frame.audio, dtype="<i2")[0]) // 10 - 1
+
+    @service.event_handler("on_before_process_frame")
+    def _arrived(_service, frame: Frame) -> None:
+        if isinstance(frame, InputAudioRawFrame):
+            arrived[number(frame)] = time.monotonic()
+
+    @service.event_handler("on_after_push_frame")
+    def _played(_service, frame: Frame) -> None:
+        if isinstance(frame, SpeechOutputAudioRawFrame):
+            played[number(frame)] = time.monotonic()
+
+    frames: list[Frame] = [SleepFrame(0.3)]
+    for k in range(40):  # frame k: every sample 10 * (k + 1), echoed back by the fake
+        pcm = np.full(protocol.FRAME_SAMPLES, 10 * (k + 1), dtype="<i2").tobytes()
+        frames += [InputAudioRawFrame(audio=pcm, sample_rate=protocol.SAMPLE_RATE, num_channels=1), SleepFrame(0.08)]
+    await run_test(service, frames_to_send=[*frames, SleepFrame(0.5)], pipeline_params=MODEL_PARAMS)
+
+    order = sorted(played)
+    assert [played[k] for k in order] == sorted(played.values())  # in order, each once
+    stats = service.stats
+    assert stats.playout_restarts >= 1 and stats.playout_resyncs >= 1  # restarted, then re-synced
+    assert stats.frames_out + stats.frames_dropped == stats.frames_received == 40
+    delays = sorted(played[k] - arrived[k] for k in order[-10:])
+    assert delays[len(delays) // 2] < 0.16, delays  # a kept backlog of 3-4 frames would be 0.24-0.32 s
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,153 @@
+"""OutputPacer on a virtual clock: when bot frames go out, given when they arrive from the worker.
+
+Each test feeds numbered frames at chosen arrival times and records when the pacer handed each one
+out. What a caller hears depends on three things checked here: frames go out in order, once, never
+faster than real time (beyond the tolerance); a late frame's latency does not stay; and the latency
+the pacer adds stays bounded, whatever the worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+import pytest
+
+from app.pipecat.pacer import OutputPacer, Paced
+
+FRAME = 0.08
+
+
+class VirtualClock:
+    """time() and sleep() for the pacer, advanced by `run` instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._timers: list[tuple[float, int, asyncio.Future]] = []
+        self._seq = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (self.now + max(0.0, delay), next(self._seq), future))
+        await future
+
+    async def run(self, until: float) -> None:
+        while True:
+            for _ in range(20):  # let every task that can run do so
+                await asyncio.sleep(0)
+            if not self._timers or self._timers[0][0] > until:
+                break
+            at, _, future = heapq.heappop(self._timers)
+            self.now = at
+            future.set_result(None)
+        self.now = until
+
+
+async def play(arrivals: list[float], *, capacity: int = 4, target: int = 1) -> tuple[list[tuple[float, Paced]], int]:
+    """Frame i arrives at arrivals[i]; returns (push time, Paced) per frame handed out, and drops on arrival."""
+    clock = VirtualClock()
+    pacer: OutputPacer[int] = OutputPacer(
+        capacity=capacity, target_frames=target, frame_s=FRAME, clock=clock.time, sleep=clock.sleep
+    )
+    pushed: list[tuple[float, Paced]] = []
+    dropped_on_arrival = 0
+
+    async def feed() -> None:
+        nonlocal dropped_on_arrival
+        for at, group in itertools.groupby(sorted(enumerate(arrivals), key=lambda pair: pair[1]), lambda p: p[1]):
+            await clock.sleep(at - clock.now)
+            for index, _ in group:  # frames arriving together are queued together
+                dropped_on_arrival += pacer.put(index)
+
+    async def consume() -> None:
+        while True:
+            paced = await pacer.next()
+            pushed.append((clock.now, paced))
+
+    tasks = [asyncio.create_task(feed()), asyncio.create_task(consume())]
+    await clock.run(until=max(arrivals) + 1.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return pushed, dropped_on_arrival
+
+
+def latencies(pushed: list[tuple[float, Paced]], arrivals: list[float]) -> list[float]:
+    return [at - arrivals[paced.item] for at, paced in pushed]
+
+
+def assert_in_order_once_and_never_fast(pushed: list[tuple[float, Paced]], tolerance: float = FRAME / 2) -> None:
+    items = [paced.item for _, paced in pushed]
+    assert items == sorted(set(items)), items
+    times = [at for at, _ in pushed]
+    assert all(b - a >= FRAME - tolerance - 1e-9 for a, b in zip(times, times[1:])), times
+
+
+@pytest.mark.asyncio
+async def test_jittery_frames_go_out_one_per_frame_period_with_nothing_dropped() -> None:
+    jitter = [0.0, 0.03, 0.01, 0.025, 0.005, 0.02]
+    arrivals = [0.1 + k * FRAME + jitter[k % len(jitter)] for k in range(50)]
+    pushed, dropped = await play(arrivals)
+    assert len(pushed) == 50 and dropped == 0
+    assert not any(p.dropped or p.restarted for _, p in pushed)
+    assert_in_order_once_and_never_fast(pushed)
+    times = [at for at, _ in pushed]
+    assert all(abs((b - a) - FRAME) < 0.031 for a, b in zip(times, times[1:]))  # the schedule, caught up within jitter
+    assert max(latencies(pushed, arrivals)) <= FRAME / 2 + 1e-9
+
+
+@pytest.mark.asyncio
+async def test_a_slightly_late_frame_goes_out_at_once_and_the_schedule_is_kept() -> None:
+    arrivals = [0.1 + k * FRAME for k in range(20)]
+    arrivals[8] += 0.03  # within the tolerance
+    pushed, _ = await play(arrivals)
+    times = [at for at, _ in pushed]
+    assert times[8] == pytest.approx(arrivals[8])  # no later than it came
+    assert times[9] == pytest.approx(0.1 + 9 * FRAME)  # and the next one is back on time
+    assert not any(p.restarted or p.dropped for _, p in pushed)
+
+
+@pytest.mark.asyncio
+async def test_after_a_worker_stall_the_clock_restarts_and_the_backlog_is_resynced_away() -> None:
+    """Frames 10..16 arrive together 0.6 s late, then the worker is back on its tick."""
+    arrivals = [0.1 + k * FRAME for k in range(60)]
+    for k in range(10, 17):
+        arrivals[k] = 0.1 + 16 * FRAME + 0.001
+    pushed, dropped = await play(arrivals)
+    assert_in_order_once_and_never_fast(pushed)
+    restarts = [p.item for _, p in pushed if p.restarted]
+    assert restarts == [15]  # the burst kept its newest (capacity 4, target 1); the clock restarts, no catch-up
+    resynced = sum(p.dropped for _, p in pushed)
+    assert resynced > 0 and len(pushed) + resynced + dropped == 60  # each frame out once or dropped
+    late = latencies(pushed, arrivals)
+    bound = 2 * FRAME + FRAME / 2  # (target + 1) frames + the tolerance
+    assert max(late) <= bound + 1e-9, late
+    assert max(late[-20:]) <= bound + 1e-9  # the stall's latency did not stay
+
+
+@pytest.mark.asyncio
+async def test_a_worker_clock_running_fast_stays_within_the_playout_target() -> None:
+    arrivals = [0.1 + k * FRAME * 0.985 for k in range(400)]  # 1.5 % fast: ~6 frames over the call
+    pushed, dropped = await play(arrivals)
+    assert_in_order_once_and_never_fast(pushed)
+    assert sum(p.dropped for _, p in pushed) + dropped >= 4  # re-synced a few times, one frame each
+    assert max(latencies(pushed, arrivals)) <= 2 * FRAME + FRAME / 2 + 1e-9
+
+
+@pytest.mark.asyncio
+async def test_a_burst_beyond_the_capacity_drops_the_oldest_on_arrival() -> None:
+    arrivals = [0.1] * 10
+    pushed, dropped = await play(arrivals, capacity=4)
+    assert dropped == 6
+    assert [p.item for _, p in pushed] == [8, 9]  # the newest: no backlog is played
+    assert sum(p.dropped for _, p in pushed) == 2
+
+
+def test_the_playout_target_fits_in_the_capacity() -> None:
+    assert OutputPacer(capacity=1, target_frames=1).target_frames == 0
+    with pytest.raises(ValueError):
+        OutputPacer(capacity=0)
