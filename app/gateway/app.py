@@ -24,10 +24,11 @@ from app.config import GatewaySettings
 from app.gateway import admin, ops, twilio, webrtc
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
-from app.gateway.security import TwilioSignatures
+from app.gateway.security import StreamTokens, TwilioSignatures
 from app.gateway.serializer import MAX_WS_MESSAGE_BYTES
 from app.gateway.state import GatewayState
 from app.gateway.upkeep import Upkeep, instance_id
+from app.gateway.writes import StateWriter
 from app.personas import PersonaBook, load_personas
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
             metrics=metrics,
             signatures=TwilioSignatures(settings),
             router=RedisRouter(store, suspect_s=settings.worker_suspect_s),
+            stream_tokens=StreamTokens(settings),
+            writer=StateWriter(),
         )
+        state.writer.start()
         metrics.watch_live(state.frames_dropped_of_live_calls)
         app.state.gateway = state
         _warn_about(settings, book)
@@ -62,6 +66,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
             yield
         finally:
             await end_live_calls(state)
+            await state.writer.stop(timeout_s=SHUTDOWN_GRACE_S)
             await upkeep.stop()
             await redis.aclose()
             if embedded is not None:

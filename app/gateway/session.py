@@ -32,8 +32,12 @@ an `EndFrame`: the service sends `protocol.End` with the reason and waits briefl
 longer than END_TIMEOUT_S, when the caller's side vanished (nothing left to play to), or when the
 gateway task itself is cancelled, is the pipeline cancelled.
 
-Redis writes (transitions, DTMF, marks, the bot's text, timings) go through one queue and one
-writer task, in order, off the media path; the final transition is written after all of them.
+Redis writes (transitions, DTMF, marks, the bot's text, timings, the final record) go through the
+gateway's `StateWriter` (app/gateway/writes.py), in order, off the media path; while Redis is
+unreachable the call goes on and its writes wait in the writer's bounded queue (the bot's text
+and marks are what a full queue drops first). A call that ends during an outage is finished
+(unregistered, connection closed) after FINAL_WRITE_WAIT_S; its final record is written when
+Redis is back.
 Records: pickup_ms (stream start -> first bot audio pushed), prefill_ms (from Ready),
 first_audio_ms (Ready -> first bot audio pushed), frames_in/out/dropped (80 ms frames).
 """
@@ -59,7 +63,8 @@ from app.pipecat.service import PersonaPlexService, WorkerChange
 logger = logging.getLogger(__name__)
 
 _COMPLETED_REASONS = frozenset({EndReason.CALLER_HANGUP, EndReason.MAX_DURATION, EndReason.TRANSFER})
-_WRITER_DRAIN_S = 5.0
+_DROPPABLE = frozenset({"text", "mark"})  # events a full write queue may drop (never status or DTMF)
+FINAL_WRITE_WAIT_S = 5.0  # how long a call's end waits for its final record to be written
 END_TIMEOUT_S = 3.0  # an EndFrame's way through the pipeline (End/Ended, play-out, close), then cancel
 
 Op = Callable[[], Awaitable[Any]]
@@ -147,8 +152,7 @@ class CallSession:
         self.service: PersonaPlexService | None = None
         self.worker: PipelineWorker | None = None
         self._end_requested = asyncio.Event()
-        self._ops: asyncio.Queue[Op | None] = asyncio.Queue()
-        self._writer: asyncio.Task | None = None
+        self._writer = state.writer
         self.finished = asyncio.Event()
 
     # ---------------------------------------------------------------- called from the pipeline
@@ -161,9 +165,15 @@ class CallSession:
             self.channel.ended(reason)
         self._end_requested.set()
 
+    def _write(self, op: Op, what: str, *, droppable: bool = False) -> asyncio.Future[bool]:
+        return self._writer.submit(op, call_id=self.call_id, what=what, droppable=droppable)
+
     def note_event(self, kind: str, **data: Any) -> None:
-        """Append an event to the call's stream (written in order by the writer task)."""
-        self._ops.put_nowait(lambda: self.store.add_event(self.call_id, kind, **data))
+        """Append an event to the call's stream (written in order by the gateway's writer; the
+        bot's text and marks are the writes a full queue may drop)."""
+        self._write(
+            lambda: self.store.add_event(self.call_id, kind, **data), f"{kind} event", droppable=kind in _DROPPABLE
+        )
 
     def note_text(self, text: str) -> None:
         self.note_event("text", text=text)
@@ -178,14 +188,15 @@ class CallSession:
 
         @service.event_handler("on_ready")
         async def _on_ready(_service: PersonaPlexService, ready: protocol.Ready) -> None:
-            self._ops.put_nowait(
+            self._write(
                 lambda: self.store.transition(
                     self.call_id,
                     CallStatus.ACTIVE,
                     worker_id=ready.worker_id,
                     slot=ready.slot,
                     prefill_ms=ready.prefill_ms,
-                )
+                ),
+                "connecting -> active",
             )
 
         @service.event_handler("on_first_audio")
@@ -196,10 +207,11 @@ class CallSession:
             self.metrics.pickup.observe(pickup_s)
             first_audio_ms = (svc.first_audio_at - svc.ready_at) * 1000 if svc.ready_at is not None else None
             logger.info("call %s: first bot audio %.0f ms after the stream started", self.call_id, pickup_s * 1000)
-            self._ops.put_nowait(
+            self._write(
                 lambda: self.store.update(
                     self.call_id, pickup_ms=round(pickup_s * 1000, 1), first_audio_ms=_round(first_audio_ms)
-                )
+                ),
+                "pickup timings",
             )
 
         @service.event_handler("on_worker_changed")
@@ -222,10 +234,11 @@ class CallSession:
                 next_frame=change.next_frame,
                 resumed_frames=change.resumed_frames,
             )
-            self._ops.put_nowait(
+            self._write(
                 lambda: self.store.update(
                     self.call_id, worker_id=change.new_worker, slot=change.slot, worker_changes=changes
-                )
+                ),
+                "worker change",
             )
 
         @service.event_handler("on_session_ended")
@@ -247,7 +260,6 @@ class CallSession:
 
     async def _run_pipeline(self, worker: PipelineWorker) -> None:
         """Run the pipeline until the call ends, end it (module docstring), write the final record."""
-        self._writer = asyncio.create_task(self._write(), name=f"call-{self.call_id}-writer")
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(worker)
         run_task = asyncio.create_task(runner.run(), name=f"call-{self.call_id}-pipeline")
@@ -288,18 +300,6 @@ class CallSession:
             )
             await worker.cancel(reason=reason.value)
 
-    async def _write(self) -> None:
-        while True:
-            op = await self._ops.get()
-            if op is None:
-                return
-            try:
-                await op()
-            except InvalidTransition as exc:  # e.g. a status callback ended the record meanwhile
-                logger.warning("call %s: %s", self.call_id, exc)
-            except Exception:  # one failed write must not stop the others
-                logger.exception("call %s: writing call state failed", self.call_id)
-
     async def _finish(self) -> None:
         service = self.service
         stats = service.stats if service is not None else None
@@ -308,12 +308,7 @@ class CallSession:
         if self.end_reason is None:
             self.end_reason, self.error = EndReason.ERROR, "media stream closed without a stop message"
         status = CallStatus.COMPLETED if self.end_reason in _COMPLETED_REASONS else CallStatus.FAILED
-        self._ops.put_nowait(None)
-        if self._writer is not None:
-            try:
-                await asyncio.wait_for(self._writer, timeout=_WRITER_DRAIN_S)
-            except TimeoutError:
-                logger.error("call %s: call-state writes still pending after %.0f s", self.call_id, _WRITER_DRAIN_S)
+        reason, error = self.end_reason, self.error
         fields: dict[str, Any] = {}
         if stats is not None:
             fields = {
@@ -325,28 +320,32 @@ class CallSession:
                 fields["worker_changes"] = stats.worker_changes
             if stats.failed_moves:
                 self.metrics.worker_change_failures.inc(stats.failed_moves)
-        try:
-            if self.end_reason == EndReason.TRANSFER:
+
+        async def final_record() -> None:
+            if reason == EndReason.TRANSFER:
                 # The bot leaves; Twilio asks <Connect action> next, which dials and completes the record.
                 await self.store.transition(self.call_id, CallStatus.TRANSFERRING, **fields)
-                await self.store.release_slot(self.call_id)
-                logger.info("call %s: transferring", self.call_id)
-                return
-            record = await self.store.end_call(self.call_id, status, self.end_reason, error=self.error, **fields)
-            if record is not None:
-                self.metrics.calls.labels(status.value, self.end_reason.value).inc()
+            elif await self.store.end_call(self.call_id, status, reason, error=error, **fields) is not None:
+                self.metrics.calls.labels(status.value, reason.value).inc()
             await self.store.release_slot(self.call_id)
+
+        written = self._write(final_record, f"final record ({status.value}, {reason.value})")
+        try:
+            done, _ = await asyncio.wait({written}, timeout=FINAL_WRITE_WAIT_S)
+            if not done:
+                logger.warning(
+                    "call %s: its final record is not written yet (redis unreachable?); it will be once redis is back",
+                    self.call_id,
+                )
             logger.info(
                 "call %s (%s): %s (%s)%s%s",
                 self.call_id,
                 self.channel.name,
-                status.value,
-                self.end_reason.value,
+                "transferring" if reason == EndReason.TRANSFER else status.value,
+                reason.value,
                 f" frames {fields}" if fields else "",
                 f", playout re-syncs {stats.playout_resyncs}, clock restarts {stats.playout_restarts}" if stats else "",
             )
-        except Exception:
-            logger.exception("call %s: could not write the end of the call", self.call_id)
         finally:
             self.finished.set()
 

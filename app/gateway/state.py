@@ -1,4 +1,5 @@
-"""What the gateway's routes share: settings, the call store, personas, metrics and live calls."""
+"""What the gateway's routes share: settings, the call store and its writer, personas, metrics,
+signatures and stream tokens, the router and the live calls."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from app.callstate import CallStore, Reservation
 from app.config import GatewaySettings
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
-from app.gateway.security import TwilioSignatures
+from app.gateway.security import StreamTokens, TwilioSignatures
+from app.gateway.writes import StateWriter
 from app.personas import Persona, PersonaBook
 from app.pipecat.service import PersonaPlexService
 
@@ -27,6 +29,8 @@ class GatewayState:
     metrics: GatewayMetrics
     signatures: TwilioSignatures
     router: RedisRouter
+    stream_tokens: StreamTokens
+    writer: StateWriter  # every live call's Redis writes, in order, through outages
     sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live call (session.open_call)
 
     def new_service(

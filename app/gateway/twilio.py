@@ -1,12 +1,19 @@
 """Twilio endpoints: the voice webhook, the media stream and status callbacks.
 
-POST /twilio/voice   TwiML: `<Connect><Stream url=wss://.../twilio/stream>` with the call id and
-                     persona as `<Parameter>`s; or, when no worker has a free slot, a polite busy
-                     message then `<Dial>` the overflow number or `<Hangup/>`.
+POST /twilio/voice   admission: the call's record (ringing) and a worker slot reserved for it at
+                     once (atomically in Redis), then TwiML `<Connect><Stream url=wss://.../twilio/
+                     stream>` with the call id, persona and the call's stream token as
+                     `<Parameter>`s; when no worker has a free slot, a polite busy message then
+                     `<Dial>` the overflow number or `<Hangup/>` (the record ends rejected, busy). A
+                     reservation whose stream never comes is released by the reaper
+                     (STREAM_TIMEOUT_S, app/gateway/upkeep.py).
 WS   /twilio/stream  Twilio Media Streams (connected, start, media, dtmf, mark, stop): one call, run
                      by the gateway's call lifecycle (app/gateway/session.py) with `TwilioStream`
-                     as its channel; its persona is the one the webhook recorded.
-POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call.
+                     as its channel; its persona is the one the webhook recorded. Accepted only for
+                     a call the webhook created, still ringing, with that call's token (once: a
+                     replayed upgrade finds the record no longer ringing).
+POST /twilio/status  call status callbacks, recorded as events; a final status ends an open call
+                     that nobody else will end truthfully (see `status_callback`).
 POST /twilio/after-stream  the `<Connect action>`: once the stream ends, `<Dial>` the persona's
                      transfer number for a call the caller asked to transfer (DTMF 0); a call that
                      lost its worker (none could take it over) hears an apology; then hang up.
@@ -33,7 +40,7 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from app.callstate import TERMINAL, CallStatus, EndReason, InvalidTransition
+from app.callstate import TERMINAL, CallRecord, CallStatus, EndReason, InvalidTransition
 from app.gateway.pipeline import build_twilio_pipeline
 from app.gateway.security import websocket_url
 from app.gateway.serializer import GuardedTwilioSerializer
@@ -49,6 +56,7 @@ TRANSFER_DIGIT = "0"  # the caller presses 0 to be put through to the persona's 
 START_TIMEOUT_S = 10.0
 _CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+_LOST = frozenset({EndReason.WORKER_LOST, EndReason.GATEWAY_LOST})  # the caller hears an apology
 BUSY_MESSAGE = "Thank you for calling {name}. All of our lines are busy right now. Please call again later."
 TROUBLE_MESSAGE = "Sorry, we are having technical difficulties. Please call again later."
 LOST_MESSAGE = "We are sorry, the line to our assistant was lost. Please call again in a moment."
@@ -91,7 +99,7 @@ async def voice(request: Request) -> Response:
             response = VoiceResponse()
             response.hangup()
             return _twiml(response)
-        if await state.store.free_slots() <= 0:
+        if await state.store.reserve_slot(call_id) is None:  # atomic: two callers never get one slot
             return await _busy(state, call_id, persona.name)
     except (RedisError, OSError):
         logger.exception("voice webhook for %s: call state unavailable", call_id)
@@ -105,6 +113,7 @@ async def voice(request: Request) -> Response:
     stream = connect.stream(url=_stream_url(state, request))
     stream.parameter(name="call_id", value=call_id)
     stream.parameter(name="persona", value=persona.id)
+    stream.parameter(name="token", value=state.stream_tokens.issue(call_id))
     response.append(connect)
     state.metrics.webhooks.labels("voice", "connect").inc()
     logger.info("call %s from %s to %s: persona %s, connecting the stream", call_id, from_number, to_number, persona.id)
@@ -175,18 +184,38 @@ async def status_callback(request: Request) -> Response:
         record.call_id, "twilio_status", status=call_status, duration=duration if isinstance(duration, str) else None
     )
     if call_status in _FINAL_STATUSES and record.status not in TERMINAL:
-        reason = EndReason.CALLER_HANGUP if call_status == "completed" else EndReason.ERROR
-        session = state.sessions.get(record.call_id)
-        if session is not None:
-            session.request_end(reason, None if call_status == "completed" else f"twilio status {call_status}")
-        else:
-            status = CallStatus.COMPLETED if call_status == "completed" else CallStatus.FAILED
-            error = None if call_status == "completed" else f"twilio status {call_status}"
-            if await state.store.end_call(record.call_id, status, reason, error=error) is not None:
-                state.metrics.calls.labels(status.value, reason.value).inc()
-            await state.store.release_slot(record.call_id)
-            logger.info("call %s: ended by twilio status %s", record.call_id, call_status)
+        await _end_by_status(state, record, call_status)
     return Response(status_code=204)
+
+
+async def _end_by_status(state: GatewayState, record: CallRecord, call_status: str) -> None:
+    """Twilio says the call is over. Who ends the record, and why, so that the reason stays true:
+    - its media session runs here: the session ends (and writes its own final record);
+    - ringing (the stream never started): ended here, the caller hung up (or the status's error);
+    - transferring (the after-stream dial never came): failed, the transfer was not made;
+    - another gateway's call: left to it while it lives (its stream's stop ends it), else
+      failed/gateway_lost (the status must not pass for a clean hang-up)."""
+    completed = call_status == "completed"
+    detail = None if completed else f"twilio status {call_status}"
+    session = state.sessions.get(record.call_id)
+    if session is not None:
+        session.request_end(EndReason.CALLER_HANGUP if completed else EndReason.ERROR, detail)
+        return
+    if record.status == CallStatus.RINGING:
+        status = CallStatus.COMPLETED if completed else CallStatus.FAILED
+        reason, error = (EndReason.CALLER_HANGUP, None) if completed else (EndReason.ERROR, detail)
+    elif record.status == CallStatus.TRANSFERRING:
+        status, reason, error = CallStatus.FAILED, EndReason.ERROR, f"the call ended ({call_status}) before the transfer"
+    elif record.gateway_id in await state.store.live_gateways() and record.gateway_id != state.store.gateway_id:
+        logger.info("call %s: twilio status %s; its gateway %s ends it", record.call_id, call_status, record.gateway_id)
+        return
+    else:
+        status, reason = CallStatus.FAILED, EndReason.GATEWAY_LOST
+        error = f"twilio status {call_status} while gateway {record.gateway_id} running the call was gone"
+    if await state.store.end_call(record.call_id, status, reason, error=error) is not None:
+        state.metrics.calls.labels(status.value, reason.value).inc()
+    await state.store.release_slot(record.call_id)
+    logger.info("call %s: ended by twilio status %s: %s (%s)", record.call_id, call_status, status.value, reason.value)
 
 
 @dataclass(frozen=True)
@@ -195,6 +224,7 @@ class StreamStart:
     call_sid: str | None
     call_id: str | None
     persona: str | None
+    token: str | None = None  # the call's stream token (the webhook's <Parameter>)
 
 
 async def media_stream(websocket: WebSocket) -> None:
@@ -289,37 +319,41 @@ def _parse_start(message: dict[str, Any]) -> StreamStart | None:
         call_sid=text(call_sid),
         call_id=text(custom.get("call_id")),
         persona=text(custom.get("persona")),
+        token=text(custom.get("token")),
     )
 
 
 async def _open_call(
     state: GatewayState, websocket: WebSocket, start: StreamStart, stream_started: float
 ) -> CallSession | None:
-    """Admit the stream as its call's media session (connecting), or None when it must not go on.
+    """Admit the stream as its call's media session (connecting), or None when it must not go on:
+    only for a call the signed webhook created (its token), still ringing (once).
 
-    The persona is resolved here, once: the one the webhook recorded (or, for a stream without a
-    webhook record, the stream's parameter), else the default.
+    The persona is resolved here, once: the one the webhook recorded (else the default).
     """
-    call_id = start.call_id or start.call_sid or f"call-{uuid.uuid4().hex}"
-    if not _CALL_ID.match(call_id):
-        logger.warning("stream %s: invalid call id %r", start.stream_sid, call_id[:80])
+    call_id = start.call_id
+    if call_id is None or not _CALL_ID.match(call_id):
+        logger.warning("stream %s: no valid call id in its parameters: rejected", start.stream_sid)
+        return None
+    if not state.stream_tokens.check(call_id, start.token):
+        state.metrics.webhooks.labels("stream", "bad_token").inc()
+        logger.warning("stream %s for call %s without that call's token: rejected", start.stream_sid, call_id)
         return None
     if call_id in state.sessions:
         logger.warning("call %s: a media stream is already running, rejecting a second one", call_id)
         return None
     record = await state.store.get_call(call_id)
-    if record is not None and record.status != CallStatus.RINGING:
+    if record is None:
+        logger.warning("stream %s for call %s, which no webhook created: rejected", start.stream_sid, call_id)
+        return None
+    if record.status != CallStatus.RINGING:
         logger.warning("call %s: stream for a call already %s, rejecting it", call_id, record.status.value)
         return None
-    wanted = record.persona if record is not None else start.persona
-    persona = (state.personas.get(wanted) if wanted else None) or state.personas.for_number(None)
-    if wanted and persona.id != wanted:
-        logger.warning("call %s: unknown persona %r, using %s", call_id, wanted, persona.id)
+    persona = state.personas.get(record.persona) or state.personas.for_number(None)
+    if persona.id != record.persona:
+        logger.warning("call %s: unknown persona %r, using %s", call_id, record.persona, persona.id)
     if start.persona and start.persona != persona.id:
         logger.warning("call %s: the stream asks for persona %r, the call has %s", call_id, start.persona, persona.id)
-    if record is None:
-        logger.info("call %s: stream without a webhook record, creating it", call_id)
-        await state.store.create_call(call_id, channel="twilio", persona=persona.id, twilio_call_sid=start.call_sid)
     return await open_call(
         state,
         TwilioStream(websocket, state, start),
@@ -422,7 +456,7 @@ async def after_stream(request: Request) -> Response:
             state.metrics.calls.labels(CallStatus.COMPLETED.value, EndReason.TRANSFER.value).inc()
         state.metrics.webhooks.labels("after_stream", "transfer").inc()
         logger.info("call %s: transferring to %s", record.call_id, persona.transfer_number)
-    elif record is not None and record.status == CallStatus.FAILED and record.end_reason == EndReason.WORKER_LOST:
+    elif record is not None and record.status == CallStatus.FAILED and record.end_reason in _LOST:
         response.say(LOST_MESSAGE)
         response.hangup()
         state.metrics.webhooks.labels("after_stream", "worker_lost").inc()

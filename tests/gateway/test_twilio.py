@@ -31,6 +31,12 @@ def dominant_hz(pcm: np.ndarray, rate: int = 8000) -> float:
     return float(np.argmax(spectrum) * rate / len(x))
 
 
+def gateway_token_ok(gateway: GatewayServer, call_id: str, token: str) -> bool:
+    from app.gateway.security import StreamTokens
+
+    return StreamTokens(gateway.settings).check(call_id, token)
+
+
 async def ring(http: httpx.AsyncClient, gateway: GatewayServer, call_sid: str, to: str = "+15550100001"):
     response = await post_signed(http, f"{gateway.base}/twilio/voice", voice_params(call_sid, to=to))
     assert response.status_code == 200, response.text
@@ -54,7 +60,9 @@ async def test_signed_webhook_returns_connect_stream_twiml_with_parameters(
     call_sid = new_call_sid()
     twiml = await ring(http, gateway, call_sid, to="+15550100002")
     assert twiml.stream_url == gateway.stream_url
+    token = twiml.parameters.pop("token")
     assert twiml.parameters == {"call_id": call_sid, "persona": "restaurant-orders"}
+    assert gateway_token_ok(gateway, call_sid, token)  # the call's own stream token
     record = await store.get_call(call_sid)
     assert record is not None and record.status == "ringing" and record.channel == "twilio"
     assert (record.persona, record.from_number, record.to_number) == (
@@ -398,3 +406,112 @@ async def test_stopping_the_gateway_ends_running_calls(
     record = await wait_for_end(store, call_sid)
     assert (record.status, record.end_reason, record.error) == ("failed", "error", "gateway shut down during the call")
     assert await store.free_slots() == 1
+
+
+async def test_callers_beyond_capacity_at_the_same_instant_all_hear_the_busy_message(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """Admission is a reservation at the webhook: 4 callers at once on 2 free slots, 2 get the
+    stream and 2 the busy message with the overflow number, never `<Connect>` then silence."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory(overflow_number="+15550100999")
+    sids = [new_call_sid() for _ in range(4)]
+    twimls = await asyncio.gather(*(ring(http, gateway, sid) for sid in sids))
+    connected = [sid for sid, t in zip(sids, twimls) if t.stream_url]
+    busy = [sid for sid, t in zip(sids, twimls) if not t.stream_url]
+    assert len(connected) == 2 and len(busy) == 2
+    for sid, twiml in zip(sids, twimls):
+        if sid in busy:
+            assert "busy" in (twiml.say or "") and twiml.dial == "+15550100999"
+            record = await store.get_call(sid)
+            assert (record.status, record.end_reason) == ("rejected", "busy")
+    (worker,) = await store.workers()
+    assert worker.reserved == 2  # the two connected calls hold their slots from the webhook on
+    for sid, twiml in zip(sids, twimls):  # and their streams get them
+        if sid in connected:
+            stream = await MediaStream.open(twiml.stream_url or "", call_sid=sid)
+            await stream.start(twiml.parameters)
+            await stream.play(tone(0.3))
+            await stream.stop()
+            assert (await wait_for_end(store, sid)).end_reason == "caller_hangup"
+
+
+async def test_a_stream_is_accepted_only_for_its_webhooks_call_once(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """The stream URL's signature is the same for every call: what opens a call is its token, and
+    only while the record is ringing. A made-up call id, another call's token, no token, or a
+    replay of a stream already started all get nothing: no record, no slot, no worker session."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=4)
+    gateway = gateway_factory()
+    sid = new_call_sid()
+    twiml = await ring(http, gateway, sid)
+    other = await ring(http, gateway, new_call_sid())
+    made_up = new_call_sid()
+    attempts = [
+        {"call_id": made_up, "persona": "general-assistant", "token": twiml.parameters["token"]},
+        {"call_id": made_up, "persona": "general-assistant"},
+        {**twiml.parameters, "token": other.parameters["token"]},
+        {**twiml.parameters, "token": "x" * 43},
+    ]
+    for parameters in attempts:
+        stream = await MediaStream.open(twiml.stream_url or "", call_sid=parameters["call_id"])
+        await stream.start(parameters)
+        assert await stream.closed_with() == 1008, parameters
+    assert await store.get_call(made_up) is None
+    assert (await store.get_call(sid)).status == "ringing"
+    assert fake_worker.sessions == []
+
+    first = await MediaStream.open(twiml.stream_url or "", call_sid=sid)
+    await first.start(twiml.parameters)
+    await first.play(tone(0.3))
+    replay = await MediaStream.open(twiml.stream_url or "", call_sid=sid)  # the same signed upgrade and start
+    await replay.start(twiml.parameters)
+    assert await replay.closed_with() == 1008
+    await first.stop()
+    assert (await wait_for_end(store, sid)).end_reason == "caller_hangup"
+    late = await MediaStream.open(twiml.stream_url or "", call_sid=sid)  # after the call ended
+    await late.start(twiml.parameters)
+    assert await late.closed_with() == 1008
+    assert len(fake_worker.sessions) == 1
+
+
+async def test_a_call_whose_stream_never_starts_ends_and_frees_its_slot_within_the_timeout(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """Twilio got `<Connect>` but the stream never came, or stopped before its start: the record
+    does not stay ringing and the slot reserved at the webhook comes back."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory(stream_timeout_s=1.0, gateway_reap_s=0.2)
+    never, stopped = new_call_sid(), new_call_sid()
+    await ring(http, gateway, never)
+    twiml = await ring(http, gateway, stopped)
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=stopped)
+    await stream.stop()  # stop before start
+    assert (await store.workers())[0].reserved == 2
+    for sid in (never, stopped):
+        record = await wait_for_end(store, sid, timeout=10)
+        assert (record.status, record.end_reason) == ("failed", "error") and "no media stream" in record.error
+    assert (await store.workers())[0].reserved == 0
+
+
+async def test_a_status_callback_never_passes_a_lost_gateways_call_for_a_clean_hang_up(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, redis_client
+) -> None:
+    """Twilio's `completed` for a call another gateway was running: left to that gateway while it
+    lives; once it is gone the call ended failed/gateway_lost, whatever the status says."""
+    gateway = gateway_factory()
+    other = CallStore(redis_client, gateway_id="gw-other")
+    await other.gateway_heartbeat("gw-other", heartbeat_s=1.0)
+    for sid in ("CAlive", "CAdead"):
+        await other.create_call(sid, channel="twilio", persona="general-assistant")
+        await other.transition(sid, "connecting")
+        await other.transition(sid, "active")
+    completed = {"AccountSid": "AC" + "1" * 32, "CallStatus": "completed", "CallDuration": "30"}
+    await post_signed(http, f"{gateway.base}/twilio/status", completed | {"CallSid": "CAlive"})
+    assert (await store.get_call("CAlive")).status == "active"  # its gateway is alive: its stop ends it
+
+    await redis_client.hset("cc:gateway:gw-other", "heartbeat_at", repr(time.time() - 60))
+    await post_signed(http, f"{gateway.base}/twilio/status", completed | {"CallSid": "CAdead"})
+    record = await store.get_call("CAdead")
+    assert (record.status, record.end_reason) == ("failed", "gateway_lost")

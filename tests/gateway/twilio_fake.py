@@ -216,3 +216,9 @@ class MediaStream:
             return True
         except TimeoutError:
             return False
+
+    async def closed_with(self, timeout: float = 5.0) -> int | None:
+        """The close code of a stream the gateway closes (None if it stays open)."""
+        if not await self.wait_closed_by_server(timeout):
+            return None
+        return self.ws.close_code
