@@ -161,3 +161,48 @@ async def test_kill_9_of_the_embedded_redis_under_up_loses_no_record(speech_wav:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)
+
+
+async def test_a_live_call_goes_on_through_a_redis_crash_and_its_record_is_complete_afterwards(
+    speech_wav: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the embedded Redis mid-call under `up`: the caller keeps hearing the bot (no gap
+    over a second), the call completes, and once Redis is back its record is complete: status,
+    frames and the bot's text, all written from the gateway's queue."""
+    process, log, gateway_url = _start_up(tmp_path)
+    db = tmp_path / "redis" / "db.rdb"
+    try:
+        call = asyncio.create_task(run_call(_options(gateway_url, speech_wav, tail_silence_s=2.0)))
+        socket_path = (db.parent / f"{db.name}.socket").read_text().strip()
+        store = CallStore(aioredis.from_url(f"unix://{socket_path}", decode_responses=True))
+        try:
+            async def active():
+                return [r for r in await store.list_calls(active_only=True) if r.status == CallStatus.ACTIVE]
+
+            assert await _wait(active, 30), tail(log)
+            await asyncio.sleep(1.0)
+            os.kill(_redis_pid(db), signal.SIGKILL)  # mid-call
+            report = await asyncio.wait_for(call, timeout=90)
+            assert report.status == "completed", f"{report.error}\n{tail(log)}"
+            assert report.largest_gap_ms <= 1000, (report.largest_gap_ms, tail(log))
+
+            async def ended():
+                record = await store.get_call(report.call_id or "")
+                return record if record is not None and record.status in TERMINAL else None
+
+            record = await _wait(ended, 30)
+            assert record is not None, tail(log)
+            assert (record.status, record.end_reason) == (CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+            assert record.frames_in and record.frames_in > 50
+            walk = [e["to"] for e in await store.events(record.call_id) if e["type"] == "status"]
+            assert walk == ["ringing", "connecting", "active", "completed"]
+            assert await store.list_calls(active_only=True) == []
+        finally:
+            await store.redis.aclose()
+        text = (tmp_path / "up.log").read_text(errors="replace")
+        assert "embedded redis is back" in text
+        assert text.count("Traceback") == 0, tail(log, 80)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
