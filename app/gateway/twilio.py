@@ -101,8 +101,9 @@ async def voice(request: Request) -> Response:
             return _twiml(response)
         if await state.store.reserve_slot(call_id) is None:  # atomic: two callers never get one slot
             return await _busy(state, call_id, persona.name)
-    except (RedisError, OSError):
-        logger.exception("voice webhook for %s: call state unavailable", call_id)
+    except (RedisError, OSError) as exc:
+        logger.warning("voice webhook for %s: call state unavailable (%r): the caller hears the trouble message",
+                       call_id, exc)
         state.metrics.webhooks.labels("voice", "error").inc()
         response = VoiceResponse()
         response.say(TROUBLE_MESSAGE)
@@ -244,8 +245,8 @@ async def media_stream(websocket: WebSocket) -> None:
     stream_started = time.monotonic()
     try:
         call = await _open_call(state, websocket, start, stream_started)
-    except (RedisError, OSError):
-        logger.exception("stream %s: call state unavailable", start.stream_sid)
+    except (RedisError, OSError) as exc:
+        logger.warning("stream %s: call state unavailable (%r): stream refused", start.stream_sid, exc)
         call = None
     if call is None:
         state.metrics.webhooks.labels("stream", "rejected").inc()

@@ -274,8 +274,8 @@ class Softphone:
                 call = await open_call(
                     state, peer, call_id=call_id, persona=persona, started_at=offered_at, reservation=reservation
                 )
-        except (RedisError, OSError):
-            logger.exception("call %s: call state unavailable", call_id)
+        except (RedisError, OSError) as exc:
+            logger.warning("call %s: call state unavailable (%r): offer refused", call_id, exc)
             await peer.close()
             await fail_call(state.store, call_id, EndReason.ERROR, "call state unavailable")
             return _error(503, "unavailable", UNAVAILABLE_MESSAGE)

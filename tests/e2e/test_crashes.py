@@ -3,7 +3,10 @@
 - kill -9 of the gateway with 3 live calls, then start it again: within 30 s no record is left
   open (failed/gateway_lost) and no worker slot stays reserved; calls are taken again.
 - kill -9 of the embedded Redis under `callcenter up` 2 s after a call completed: `up` starts it
-  again, /readyz says not ready meanwhile, no record is lost, and the next call completes.
+  again, /readyz says not ready meanwhile, no record is lost, and the next call completes; a call
+  live during the crash goes on and its record is complete afterwards.
+- kill -9 of `up` itself: its children go down with it, the next `up` keeps every record.
+- 4 callers at once on 2 free slots: the 2 beyond capacity hear the busy message.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import redis.asyncio as aioredis
 
 from app.callstate import TERMINAL, CallStatus, CallStore, EndReason
 from app.sim import CallOptions, run_call
-from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Proc, base_env, free_port, tail
+from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Proc, base_env, free_port, running_stack, tail
 from tests.e2e.test_startup import _start_up
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -206,3 +209,75 @@ async def test_a_live_call_goes_on_through_a_redis_crash_and_its_record_is_compl
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+async def test_kill_9_of_up_takes_its_children_down_and_the_next_up_keeps_every_record(
+    speech_wav: Path, tmp_path: Path
+) -> None:
+    """`up` killed by SIGKILL: its gateway and worker do not linger holding their ports; the Redis
+    it leaves is taken over (saving its data) by the next `up` on the same files."""
+    from tests.e2e.test_startup import _pids
+
+    process, log, gateway_url = _start_up(tmp_path)
+    again = None
+    try:
+        report = await asyncio.wait_for(run_call(_options(gateway_url, speech_wav)), timeout=60)
+        assert report.status == "completed", f"{report.error}\n{tail(log)}"
+        children = _pids(log)
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 40
+        while any(_alive(pid) for pid in children.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not any(_alive(pid) for pid in children.values()), children
+
+        again, log2, gateway2 = _start_up(tmp_path / "again", db_dir=tmp_path)
+        db = tmp_path / "redis" / "db.rdb"
+        socket_path = (db.parent / f"{db.name}.socket").read_text().strip()
+        store = CallStore(aioredis.from_url(f"unix://{socket_path}", decode_responses=True))
+        try:
+            record = await store.get_call(report.call_id or "")
+            assert record is not None and record.status == CallStatus.COMPLETED, tail(log2)
+        finally:
+            await store.redis.aclose()
+        assert "stopped the server an earlier run left" in log2.read_text(errors="replace"), tail(log2)
+        second = await asyncio.wait_for(run_call(_options(gateway2, speech_wav)), timeout=60)
+        assert second.status == "completed", f"{second.error}\n{tail(log2)}"
+    finally:
+        for proc in (process, again):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+
+
+async def test_callers_beyond_capacity_at_the_same_instant_hear_the_busy_message_real_processes(
+    redis_url: str, speech_wav: Path, tmp_path: Path
+) -> None:
+    """4 callers at once on a worker with 2 slots: 2 talk to the bot, 2 hear the busy message and
+    the overflow number; no `<Connect>` then silence."""
+    with running_stack(redis_url, tmp_path, WORKER_MAX_SLOTS="2", WORKER_ID="e2e-two-slots",
+                       OVERFLOW_NUMBER="+15550100999") as stack:
+        reports = await asyncio.wait_for(
+            asyncio.gather(*(run_call(_options(stack.gateway_url, speech_wav)) for _ in range(4))), timeout=90
+        )
+        why = f"{[(r.status, r.error) for r in reports]}\n{tail(stack.gateway.log)}"
+        assert sorted(r.status for r in reports) == ["completed", "completed", "rejected", "rejected"], why
+        store = CallStore(aioredis.from_url(redis_url, decode_responses=True))
+        try:
+            for report in reports:
+                record = await store.get_call(report.call_id or report.call_sid)
+                if report.status == "rejected":
+                    assert report.twiml_verbs == ["Say", "Dial"], report.twiml_verbs
+                    assert record is not None and (record.status, record.end_reason) == ("rejected", "busy")
+                else:
+                    assert record is not None and record.status == "completed"
+        finally:
+            await store.redis.aclose()

@@ -48,9 +48,12 @@ def _pids(log: Path) -> dict[str, int]:
     return {m[0]: int(m[1]) for m in re.findall(r"started (\w+) \(pid (\d+)\)", log.read_text(errors="replace"))}
 
 
-def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
+def _start_up(tmp_path: Path, db_dir: Path | None = None) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """`callcenter up` in `tmp_path` (its embedded Redis under `db_dir`, default `tmp_path`)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     g_port = free_port()
     env = base_env(tmp_path, None) | {"GATEWAY_PORT": str(g_port), "WORKER_PORT": str(free_port())}
+    env["REDIS_EMBEDDED_PATH"] = str((db_dir or tmp_path) / "redis" / "db.rdb")
     log = tmp_path / "up.log"
     with log.open("wb") as handle:
         process = subprocess.Popen(
