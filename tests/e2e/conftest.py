@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 TWILIO_TOKEN = "e2e-twilio-auth-token"
@@ -35,6 +36,16 @@ def tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return "(no log)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def bad_messages(gateway_url: str) -> float:
+    """The gateway's count of malformed/unknown Twilio messages, from its /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{gateway_url}/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_twilio_bad_messages":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    raise AssertionError("gateway_twilio_bad_messages is missing from /metrics")
 
 
 @dataclass

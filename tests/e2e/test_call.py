@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import redis.asyncio as aioredis
 import soundfile as sf
 import websockets
@@ -23,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 from app.callstate import CallStore
 from app.sim import CallOptions, DtmfPlan, RawMessage, run_call
 from app.sim.twilio import SIGNATURE_HEADER, sign
-from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Stack, tail
+from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Stack, bad_messages, tail
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -80,16 +79,6 @@ async def _wait_slots_free(stack: Stack, timeout_s: float = 10.0) -> int:
         await asyncio.sleep(0.1)
         used = await _slots_used(stack)
     return used
-
-
-async def _bad_messages(stack: Stack) -> float:
-    """The gateway's count of malformed/unknown Twilio messages, from /metrics."""
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{stack.gateway_url}/metrics")).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "gateway_twilio_bad_messages":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("gateway_twilio_bad_messages is missing from /metrics")
 
 
 def _why(stack: Stack) -> str:
@@ -207,11 +196,11 @@ async def test_malformed_and_unknown_twilio_messages_do_not_end_the_call(
         b"\x00\x01binary",
     )
     raw = tuple(RawMessage(at_s=0.8 + 0.1 * i, data=data) for i, data in enumerate(junk))
-    bad_before = await _bad_messages(stack)
+    bad_before = await bad_messages(stack.gateway_url)
     report = await run_call(_options(stack, speech_3s, raw_messages=raw))
     assert report.status == "completed", f"{report.error}{_why(stack)}"
     assert report.raw_messages_sent == len(junk)
-    assert await _bad_messages(stack) > bad_before  # noticed and counted, not fatal
+    assert await bad_messages(stack.gateway_url) > bad_before  # noticed and counted, not fatal
     # The bot kept talking through the junk. (The strict >= 95 % duplex criterion is the full-duplex
     # test's; here one ~100 ms scheduling hiccup of this 2-core box must not fail a test about junk.)
     assert report.duplex_fraction is not None and report.duplex_fraction >= 0.9

@@ -24,14 +24,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from app.callstate import CallStore
 from app.gateway.serializer import MAX_MESSAGE_CHARS, MAX_WS_MESSAGE_BYTES
 from app.sim.twilio import SIGNATURE_HEADER, StreamMessages, new_sid, parse_twiml, sign, voice_webhook_params
-from tests.e2e.conftest import TWILIO_TOKEN, Stack, tail
+from tests.e2e.conftest import TWILIO_TOKEN, Stack, bad_messages, tail
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -154,15 +153,6 @@ async def _poll_healthz(http: httpx.AsyncClient, stack: Stack, seconds: float) -
     return took
 
 
-async def _bad_messages(stack: Stack) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{stack.gateway_url}/metrics")).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "gateway_twilio_bad_messages":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("gateway_twilio_bad_messages is missing from /metrics")
-
-
 async def _record(stack: Stack, call_id: str, timeout_s: float = 10.0):
     store = CallStore(aioredis.from_url(stack.redis_url, decode_responses=True))
     try:
@@ -238,7 +228,7 @@ async def test_junk_under_the_websocket_limit_is_skipped_and_the_call_goes_on(st
     caller = await Caller(stack).start()
     try:
         await caller.wait_for_bot_audio(0.5)
-        bad_before = await _bad_messages(stack)
+        bad_before = await bad_messages(stack.gateway_url)
         junk = [
             caller.messages.media(bytes(45_000), chunk=1, timestamp_ms=0),  # 60 KB: over the text bound
             caller.messages.media(bytes(3_000), chunk=1, timestamp_ms=0),  # 4 KB: payload over its bound
@@ -254,7 +244,7 @@ async def test_junk_under_the_websocket_limit_is_skipped_and_the_call_goes_on(st
         assert caller.ws.close_code is None, _why(stack)
         gap = caller.largest_gap_s(sent_at - 0.1, loop.time())
         assert gap < MAX_GAP_S, f"the caller heard {gap * 1000:.0f} ms of silence{_why(stack)}"
-        assert await _bad_messages(stack) >= bad_before + len(junk)  # each one noticed and counted
+        assert await bad_messages(stack.gateway_url) >= bad_before + len(junk)  # each one noticed and counted
     finally:
         await caller.hang_up()
     record = await _record(stack, caller.call_id)

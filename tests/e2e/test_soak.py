@@ -16,17 +16,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.callstate import TERMINAL, CallStatus, CallStore, EndReason
 from app.sim import CallOptions, run_call
 from app.sim.call import RawMessage
 from app.sim.report import CallReport
 from app.sim.twilio import sign
-from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Stack, running_stack, tail
+from tests.e2e.conftest import ADMIN_TOKEN, TWILIO_TOKEN, Stack, bad_messages, running_stack, tail
 from tests.gateway.twilio_fake import MediaStream
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -65,15 +63,6 @@ def _usage(pid: int) -> tuple[int, float]:
         if line.startswith("VmRSS:"):
             return fds, int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-async def _bad_messages(stack: Stack) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{stack.gateway_url}/metrics")).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "gateway_twilio_bad_messages":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("gateway_twilio_bad_messages is missing from /metrics")
 
 
 async def _one_call(stack: Stack, audio: Path, rng: random.Random) -> tuple[str, CallReport]:
@@ -133,7 +122,7 @@ async def test_eight_callers_churning_with_hostile_messages_leave_every_record_r
             await asyncio.gather(*(_one_call(stack, short_speech, random.Random(i)) for i in range(CALLERS)))
             await asyncio.sleep(2.0)
             baseline = {name: _usage(pid) for name, pid in pids.items()}
-            bad_before = await _bad_messages(stack)
+            bad_before = await bad_messages(stack.gateway_url)
 
             until = time.monotonic() + SOAK_SECONDS
             reports: list = []
@@ -167,7 +156,7 @@ async def test_eight_callers_churning_with_hostile_messages_leave_every_record_r
             assert stopped and max(r.largest_gap_ms for r in stopped) < 2000, why
             assert refused and set(refused) == {1008}, refused
             sent = sum(r.raw_messages_sent for _, r in reports)
-            assert sent > 0 and await _bad_messages(stack) - bad_before >= sent, (sent, why)
+            assert sent > 0 and await bad_messages(stack.gateway_url) - bad_before >= sent, (sent, why)
 
             await asyncio.sleep(2.0)
             for name, pid in pids.items():

@@ -21,7 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.callstate import CallStore, EmbeddedRedis, WorkerInfo
 from app.config import WorkerSettings
-from app.protocol import BOT_FRAME_BYTES, FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
+from app.protocol import BOT_FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
 from app.protocol import Sampling as CallSampling
 from app.worker.runtime import Runtime
 from app.worker.server import WorkerServer, bound_socket, create_app, make_server
