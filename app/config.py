@@ -130,6 +130,10 @@ class GatewaySettings(RedisSettings):
     worker_heartbeat_check_s: float = Field(
         default=1.0, ge=0, description="how often a call checks its worker's heartbeat (0: never)",
     )
+    worker_answer_timeout_s: float = Field(
+        default=2.0, gt=0, description="a worker that answers none of a call's frames this long is lost: "
+        "the call moves (checked with the heartbeat)",
+    )
     gateway_id: str | None = Field(
         default=None, description="name of this gateway in Redis (default: the hostname); each process adds a "
         "unique suffix",

@@ -47,6 +47,7 @@ class GatewayState:
             connect_timeout_s=self.settings.worker_connect_timeout_s,
             failover_timeout_s=self.settings.worker_failover_timeout_s,
             heartbeat_check_s=self.settings.worker_heartbeat_check_s,
+            answer_timeout_s=self.settings.worker_answer_timeout_s,
         )
 
     def frames_dropped_of_live_calls(self) -> list[int]:

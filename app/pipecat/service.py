@@ -24,8 +24,9 @@ Put it between a transport's input and output, like any speech-to-speech service
 
 Moving a call (needs a router). The tape keeps the call's complete frames (at most
 MAX_RESUME_FRAMES) and the caller frames it may have to send again. When the worker's connection
-drops, its heartbeat lapses (`WorkerRouter.lapsed`, checked every `heartbeat_check_s`), it ends
-or fails the session, or it sends `protocol.Move` (draining), the service asks the router for
+drops, its heartbeat lapses (`WorkerRouter.lapsed`, checked every `heartbeat_check_s`), it
+answers none of the frames it holds for `answer_timeout_s` (alive but wedged, or a silent network
+break), it ends or fails the session, or it sends `protocol.Move` (draining), the service asks the router for
 another worker (avoiding the old one; a lost one is reported), connects with `Start(resume=...)`
 (the seed from the old `Ready`) and swaps the connection under its running sender and pacer:
 answers to caller frames the caller already heard are dropped, the caller frames since the
@@ -122,7 +123,7 @@ class WorkerChange:
 
     old_worker: str
     new_worker: str
-    reason: str  # connection_lost | heartbeat_lapsed | worker_ended | worker_error | draining
+    reason: str  # connection_lost | heartbeat_lapsed | worker_stalled | worker_ended | worker_error | draining
     next_frame: int  # the call frame the new worker resumed at
     resumed_frames: int  # complete frames sent in Start.resume
     slot: int
@@ -150,6 +151,7 @@ class PersonaPlexService(AIService):
         end_timeout_s: float = 1.0,
         failover_timeout_s: float = 5.0,
         heartbeat_check_s: float = 1.0,
+        answer_timeout_s: float = 2.0,
         audio_passthrough: bool = False,
         **kwargs,
     ) -> None:
@@ -171,6 +173,9 @@ class PersonaPlexService(AIService):
         end_timeout_s: how long EndFrame waits for the worker's Ended.
         failover_timeout_s: how long a call whose worker is gone looks for another one.
         heartbeat_check_s: how often the serving worker's heartbeat is checked (0: never).
+        answer_timeout_s: a worker that answers none of the caller frames it holds for this long
+            (its host is alive, its engine wedged, or the network between us silently lost) is
+            treated as lost and the call moves (checked with the heartbeat).
         audio_passthrough: also push the caller's InputAudioRawFrames downstream.
         """
         if router is None and reservation is None:
@@ -187,6 +192,7 @@ class PersonaPlexService(AIService):
         self._max_in_flight = max_in_flight_frames
         self._failover_timeout_s = failover_timeout_s
         self._heartbeat_check_s = heartbeat_check_s
+        self._answer_timeout_s = answer_timeout_s
         self._audio_passthrough = audio_passthrough
         self._link = WorkerLink(
             call_id=call_id, worker_token=worker_token, connect_timeout_s=connect_timeout_s, end_timeout_s=end_timeout_s
@@ -344,7 +350,7 @@ class PersonaPlexService(AIService):
             await self._call_event_handler("on_ready", session.ready)
             self._sender_task = self.create_task(self._send_audio(), name=f"{self}::sender")
             if self._router is not None and self._heartbeat_check_s > 0:
-                self._watch_task = self.create_task(self._watch_heartbeat(), name=f"{self}::heartbeat")
+                self._watch_task = self.create_task(self._watch_worker(), name=f"{self}::watch")
             await self._follow(session)
         except asyncio.CancelledError:
             raise
@@ -572,9 +578,10 @@ class PersonaPlexService(AIService):
         self._session = session
         self._send_wake.set()
 
-    async def _watch_heartbeat(self) -> None:
-        """Cut the serving worker's connection once its heartbeat has lapsed (the receive loop
-        then moves the call). Redis trouble is logged and the check tried again."""
+    async def _watch_worker(self) -> None:
+        """Cut the serving worker's connection once its heartbeat has lapsed, or once it has
+        answered none of the frames it holds for `answer_timeout_s` (the receive loop then moves
+        the call). Redis trouble is the router's to report; the check is tried again."""
         router = self._router
         if router is None:
             return
@@ -582,6 +589,15 @@ class PersonaPlexService(AIService):
             await asyncio.sleep(self._heartbeat_check_s)
             session = self._session
             if session is None or session.paused or session.lost_reason is not None:
+                continue
+            waiting = session.next_send > session.base + session.answers  # frames it holds unanswered
+            silent_s = time.monotonic() - session.last_answer_at
+            if waiting and silent_s > self._answer_timeout_s:
+                logger.warning(
+                    "call %s: worker %s answered nothing for %.1f s", self.call_id, session.worker_id, silent_s
+                )
+                session.lost_reason = "worker_stalled"
+                session.ws.transport.abort()
                 continue
             try:
                 lapsed = await router.lapsed(session.worker_id)
@@ -616,6 +632,7 @@ class PersonaPlexService(AIService):
     def _take_bot_frame(self, session: WorkerSession, data: bytes) -> None:
         index = session.base + session.answers  # the caller frame this answers
         session.answers += 1
+        session.last_answer_at = time.monotonic()
         self._send_wake.set()  # the window moved
         try:
             pcm, tokens = protocol.unpack_bot_frame(data)

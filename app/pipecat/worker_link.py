@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -44,10 +45,11 @@ class WorkerSession:
     next_send: int = 0  # call frame index of the next caller frame to send here
     last_send_at: float = 0.0  # time.monotonic() of the last caller frame sent here
     answers: int = 0  # bot frames received from this session
+    last_answer_at: float = field(default_factory=time.monotonic)  # the last bot frame (or the session's start)
     replay_until: int = 0  # answers (and text) for call frames below this were heard from an older worker
     paused: bool = False  # no caller frames go here (the call is moving away)
     broken: bool = False  # a send failed: the receive loop reports the loss
-    lost_reason: str | None = None  # set by the heartbeat watch before it cuts the connection
+    lost_reason: str | None = None  # set by the worker watch before it cuts the connection
     move: asyncio.Event = field(default_factory=asyncio.Event)  # the worker asked us to move
 
     @property
@@ -238,6 +240,8 @@ class WorkerLink:
 def _lost(session: WorkerSession, detail: str) -> Loss:
     if session.lost_reason == "heartbeat_lapsed":
         return Loss("heartbeat_lapsed", f"worker {session.worker_id} missed its heartbeat")
+    if session.lost_reason == "worker_stalled":
+        return Loss("worker_stalled", f"worker {session.worker_id} stopped answering")
     return Loss("connection_lost", detail)
 
 

@@ -210,6 +210,24 @@ async def test_a_lapsed_heartbeat_moves_the_call(store: CallStore, workers) -> N
     assert numbers == sorted(set(numbers)) and numbers[-1] == 29
 
 
+async def test_a_worker_that_stops_answering_while_it_heartbeats_loses_the_call(store: CallStore, workers) -> None:
+    """Its host and heartbeat are fine, its engine is wedged (or the network silently lost our
+    frames): after answer_timeout_s with frames unanswered the call moves, with everything heard."""
+    a = await workers(worker_id="fake-a", stall_after=8, stall_s=30.0)
+    b = await workers(worker_id="fake-b")
+    await store.register_worker("fake-a", a.url, max_slots=2)
+    await store.register_worker("fake-b", b.url, max_slots=1)
+    svc = service(store, "call-stalled", heartbeat_check_s=0.2, answer_timeout_s=0.8)
+    changes = changes_of(svc)
+    down, up = await run_test(svc, frames_to_send=numbered_frames(30), pipeline_params=PARAMS)
+    assert not [f for f in up if isinstance(f, ErrorFrame)] and svc.end_reason is None
+    (change,) = changes
+    assert (change.old_worker, change.new_worker, change.reason) == ("fake-a", "fake-b", "worker_stalled")
+    numbers = heard(down)
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 29
+    assert await store.redis.exists("cc:worker:fake-a:suspect")  # no new call goes there for now
+
+
 def test_the_tape_keeps_a_context_of_frames_and_the_caller_audio_a_resume_needs() -> None:
     tape = CallTape(caller_frames=protocol.MAX_WARM_FRAMES + 4)
     total = protocol.MAX_RESUME_FRAMES + 500
