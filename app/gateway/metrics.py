@@ -74,6 +74,16 @@ class GatewayMetrics:
             "Calls whose worker was lost while no other worker could take them over (ended worker_lost)",
             registry=self.registry,
         )
+        self.playout_resyncs = Counter(
+            "gateway_playout_resyncs",
+            "Times a call's output pacer dropped bot frames to get back to its playout target (ended calls)",
+            registry=self.registry,
+        )
+        self.playout_restarts = Counter(
+            "gateway_playout_restarts",
+            "Times a call's output pacer restarted its clock because a bot frame came too late (ended calls)",
+            registry=self.registry,
+        )
         self.reaped = Counter(
             "gateway_reaped_calls",
             "Open records nobody would end (their gateway died, their stream never came) ended by this gateway, "

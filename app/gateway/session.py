@@ -320,6 +320,8 @@ class CallSession:
                 fields["worker_changes"] = stats.worker_changes
             if stats.failed_moves:
                 self.metrics.worker_change_failures.inc(stats.failed_moves)
+            self.metrics.playout_resyncs.inc(stats.playout_resyncs)
+            self.metrics.playout_restarts.inc(stats.playout_restarts)
 
         async def final_record() -> None:
             if reason == EndReason.TRANSFER:

@@ -515,3 +515,24 @@ async def test_a_status_callback_never_passes_a_lost_gateways_call_for_a_clean_h
     await post_signed(http, f"{gateway.base}/twilio/status", completed | {"CallSid": "CAdead"})
     record = await store.get_call("CAdead")
     assert (record.status, record.end_reason) == ("failed", "gateway_lost")
+
+
+async def test_a_bursting_worker_is_resynced_by_the_pacer_and_counted_in_metrics(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient
+) -> None:
+    """A worker that holds its answers and sends them in bursts: the caller's delay stays bounded
+    (the pacer drops back to its playout target) and /metrics says how often that happened."""
+    with FakeWorkerThread(FakeWorker(worker_id="fake-burst", hold_frames=5)) as bursting:
+        await store.register_worker(bursting.worker_id, bursting.url, max_slots=1)
+        gateway = gateway_factory()
+        call_sid = new_call_sid()
+        twiml = await ring(http, gateway, call_sid)
+        stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+        await stream.start(twiml.parameters)
+        await stream.play(tone(3.0))
+        await stream.stop()
+        record = await wait_for_end(store, call_sid)
+    assert record.status == "completed" and record.frames_dropped and record.frames_dropped > 0
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    resyncs = [line for line in metrics.splitlines() if line.startswith("gateway_playout_resyncs_total")]
+    assert resyncs and float(resyncs[0].split()[-1]) >= 1, resyncs
