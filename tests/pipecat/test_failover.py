@@ -228,6 +228,21 @@ async def test_a_worker_that_stops_answering_while_it_heartbeats_loses_the_call(
     assert await store.redis.exists("cc:worker:fake-a:suspect")  # no new call goes there for now
 
 
+def test_a_starved_gateway_loop_is_not_taken_for_a_stalled_worker() -> None:
+    """The gateway's own event loop was blocked (overload): when the watch wakes late, answers may
+    be waiting unread, so the worker is credited with one; a timely watch counts the real silence."""
+    from app.pipecat.service import LOOP_LAG_S, credited_answer_at
+
+    on_time = credited_answer_at(now=10.2, asleep_at=10.0, period_s=0.2, last_answer_at=7.0)
+    assert on_time == 7.0  # 3.2 s of silence seen by a watch that kept time: the worker's
+    starved = credited_answer_at(now=12.0, asleep_at=10.0, period_s=0.2, last_answer_at=7.0)
+    assert starved == pytest.approx(11.8)  # woke 1.8 s late: no verdict on the worker from this round
+    barely = credited_answer_at(now=10.2 + LOOP_LAG_S, asleep_at=10.0, period_s=0.2, last_answer_at=7.0)
+    assert barely == 7.0
+    recent = credited_answer_at(now=12.0, asleep_at=10.0, period_s=0.2, last_answer_at=11.9)
+    assert recent == 11.9
+
+
 def test_the_tape_keeps_a_context_of_frames_and_the_caller_audio_a_resume_needs() -> None:
     tape = CallTape(caller_frames=protocol.MAX_WARM_FRAMES + 4)
     total = protocol.MAX_RESUME_FRAMES + 500

@@ -219,6 +219,24 @@ async def test_a_wrong_worker_token_is_reported_clearly(fake_worker: FakeWorker)
 
 
 @pytest.mark.asyncio
+async def test_a_worker_still_freeing_the_reserved_slot_is_asked_again(fake_worker: FakeWorker) -> None:
+    """Redis holds a slot for the call on that worker, but the worker answers busy: the previous
+    call's End is still on its way. The call gets the slot a moment later instead of failing."""
+    fake_worker.refuse, fake_worker.refuse_times = "busy", 3
+    service = service_for(fake_worker)
+    _, up = await run_test(service, frames_to_send=[SleepFrame(0.5)], pipeline_params=PARAMS)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert service.ready is not None and service.end_reason is None
+    assert len(fake_worker.starts) == 4
+
+
+async def test_a_worker_busy_for_longer_ends_the_call_busy(fake_worker: FakeWorker) -> None:
+    fake_worker.refuse = "busy"
+    service = service_for(fake_worker)
+    _, up = await run_test(service, frames_to_send=[SleepFrame(1.5)], pipeline_params=PARAMS)
+    assert [f for f in up if isinstance(f, ErrorFrame)] and service.end_reason == "busy"
+
+
 async def test_a_worker_refusal_ends_the_session(fake_worker: FakeWorker) -> None:
     fake_worker.refuse = "unknown_persona"
     service = service_for(fake_worker)
