@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 
 from app import protocol
-from app.pipecat.audio import FrameResampler
+from app.pipecat.audio import FrameResampler, float_to_pcm16, pcm16_mono
 
 
 class CallerFrames:
@@ -36,11 +36,11 @@ class CallerFrames:
         """Take PCM16 audio (interleaved when num_channels > 1); returns (frames queued, frames dropped)."""
         if self._resampler is None or self._resampler.in_rate != sample_rate:
             self._resampler = FrameResampler(sample_rate, protocol.SAMPLE_RATE)
-        mono = _mono(audio, num_channels)  # [n] at sample_rate
+        mono = pcm16_mono(audio, num_channels)  # [n] at sample_rate
         self._buffer = np.concatenate([self._buffer, self._resampler.process(mono)])
         queued = dropped = 0
         while len(self._buffer) >= protocol.FRAME_SAMPLES:
-            frame = _pcm16(self._buffer[: protocol.FRAME_SAMPLES])  # 1920 samples
+            frame = float_to_pcm16(self._buffer[: protocol.FRAME_SAMPLES])  # 1920 samples
             self._buffer = self._buffer[protocol.FRAME_SAMPLES :]
             if len(self._queue) >= self.capacity:
                 self._queue.popleft()  # drop the oldest: latency stays bounded
@@ -61,15 +61,3 @@ class CallerFrames:
             dropped += 1
         return dropped
 
-
-def _mono(pcm: bytes, channels: int) -> np.ndarray:
-    """PCM16 bytes with `channels` interleaved channels -> [n] mono samples (channel mean)."""
-    data = np.frombuffer(pcm[: len(pcm) - len(pcm) % (2 * channels)], dtype="<i2")
-    if channels == 1:
-        return data
-    return data.reshape(-1, channels).mean(axis=1)
-
-
-def _pcm16(samples: np.ndarray) -> bytes:
-    """Samples in int16 scale -> PCM16 little-endian bytes, rounded and clipped."""
-    return np.clip(np.rint(samples), -32768, 32767).astype("<i2").tobytes()
