@@ -68,6 +68,22 @@ KEYPAD = frozenset(entry.value for entry in KeypadEntry)
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 
+def parse_message(data: str | bytes) -> tuple[dict[str, Any] | None, str]:
+    """One Twilio stream message as an object with a known `event`, bounded (MAX_MESSAGE_CHARS
+    before parsing); else (None, why). Used before the stream's start and after it."""
+    if len(data) > MAX_MESSAGE_CHARS:
+        return None, f"{len(data)} characters, more than {MAX_MESSAGE_CHARS}"
+    try:
+        message = json.loads(data)
+    except Exception as exc:  # ValueError, TypeError, RecursionError (deep nesting), ...
+        return None, f"not JSON ({type(exc).__name__})"
+    if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+        return None, "not an object with an 'event'"
+    if message["event"] not in KNOWN_EVENTS:
+        return None, f"unknown event {message['event'][:40]!r}"
+    return message, ""
+
+
 class GuardedTwilioSerializer(TwilioFrameSerializer):
     """Twilio Media Streams serializer that never lets one bad message end the call."""
 
@@ -142,20 +158,9 @@ class GuardedTwilioSerializer(TwilioFrameSerializer):
 
     def _parse(self, data: str | bytes) -> dict[str, Any] | None:
         """The message as an object with a known `event`, or None (counted) if it is not one."""
-        if len(data) > MAX_MESSAGE_CHARS:
-            self._bad(f"{len(data)} characters, more than {MAX_MESSAGE_CHARS}", data)
-            return None
-        try:
-            message = json.loads(data)
-        except Exception as exc:  # ValueError, TypeError, RecursionError (deep nesting), ...
-            self._bad(f"not JSON ({type(exc).__name__})", data)
-            return None
-        if not isinstance(message, dict) or not isinstance(message.get("event"), str):
-            self._bad("not an object with an 'event'", data)
-            return None
-        if message["event"] not in KNOWN_EVENTS:
-            self._bad(f"unknown event {message['event'][:40]!r}", data)
-            return None
+        message, why = parse_message(data)
+        if message is None:
+            self._bad(why, data)
         return message
 
     def _audio(self, message: dict[str, Any], data: str | bytes) -> InputAudioRawFrame | None:

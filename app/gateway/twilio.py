@@ -25,7 +25,6 @@ request): otherwise 403 and nothing else happens.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -43,7 +42,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from app.callstate import TERMINAL, CallRecord, CallStatus, EndReason, InvalidTransition
 from app.gateway.pipeline import build_twilio_pipeline
 from app.gateway.security import websocket_url
-from app.gateway.serializer import GuardedTwilioSerializer
+from app.gateway.serializer import GuardedTwilioSerializer, parse_message
 from app.gateway.session import CallSession, open_call
 from app.gateway.state import GatewayState, gateway_state
 from app.pipecat.service import PersonaPlexService
@@ -266,15 +265,12 @@ async def _read_start(websocket: WebSocket, state: GatewayState) -> StreamStart 
                     logger.info("twilio stream closed before its start message")
                     return None
                 data = message.get("text") or message.get("bytes") or b""
-                try:
-                    parsed = json.loads(data)
-                except (ValueError, TypeError):
-                    parsed = None
-                if not isinstance(parsed, dict):
+                parsed, why = parse_message(data)
+                if parsed is None:
                     state.metrics.bad_messages.inc()
-                    logger.warning("twilio stream: ignoring a message before start that is not a JSON object")
+                    logger.warning("twilio stream: ignoring a message before start (%s)", why)
                     continue
-                event = parsed.get("event")
+                event = parsed["event"]
                 if event == "connected":
                     continue
                 if event == "start":
