@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -11,10 +10,10 @@ from redis.exceptions import RedisError
 
 from app.gateway.metrics import CONTENT_TYPE
 from app.gateway.state import gateway_state
+from app.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 
-LOG_EVERY_S = 30.0  # a probe polled every second while Redis is down logs it once per this
 
 
 async def healthz() -> dict[str, str]:
@@ -25,10 +24,10 @@ async def healthz() -> dict[str, str]:
 class Readiness:
     """GET /readyz: Redis answers and at least one worker is routable (alive, not draining, not
     suspect). While Redis is down (a probe polls every second or so) that is logged once per
-    LOG_EVERY_S."""
+    30 s (`app/outage.py`)."""
 
     def __init__(self) -> None:
-        self._logged_at: float | None = None
+        self._outage = OutageLog(logger, "readyz")
 
     async def readyz(self, request: Request) -> JSONResponse:
         store = gateway_state(request).store
@@ -36,14 +35,11 @@ class Readiness:
             await store.redis.ping()
             workers = await store.workers()
         except (RedisError, OSError) as exc:
-            now = time.monotonic()
-            if self._logged_at is None or now - self._logged_at >= LOG_EVERY_S:
-                self._logged_at = now
-                logger.warning("readyz: redis unreachable: %r (said once per %.0f s)", exc, LOG_EVERY_S)
+            self._outage.failed(exc)
             return JSONResponse(
                 {"ready": False, "redis": False, "reason": f"redis unreachable: {exc}"}, status_code=503
             )
-        self._logged_at = None
+        self._outage.recovered()
         routable = [w for w in workers if w.routable]
         free = sum(max(w.max_slots - w.reserved, 0) for w in routable)
         body = {

@@ -7,21 +7,20 @@ suspect for `suspect_s`: no gateway sends it a new call meanwhile (a restarted w
 mark when it registers).
 
 While Redis is unreachable a worker's heartbeat cannot be read: `lapsed` says False (the call's
-own connection still tells a dead worker) and logs that once per LOG_EVERY_S for the gateway.
+own connection still tells a dead worker) and logs that once per 30 s for the gateway (`app/outage.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from redis.exceptions import RedisError
 
 from app.callstate import CallStore, Reservation
+from app.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 
-LOG_EVERY_S = 30.0
 
 
 class RedisRouter:
@@ -30,7 +29,7 @@ class RedisRouter:
     def __init__(self, store: CallStore, *, suspect_s: float) -> None:
         self.store = store
         self.suspect_s = suspect_s
-        self._lapse_unknown_logged_at: float | None = None
+        self._heartbeats_outage = OutageLog(logger, "workers' heartbeats", failing="unreadable, redis unreachable")
 
     async def reserve(self, call_id: str, avoid: frozenset[str]) -> Reservation | None:
         return await self.store.reserve_slot(call_id, exclude=sorted(avoid))
@@ -46,10 +45,7 @@ class RedisRouter:
         try:
             lapsed = await self.store.worker_lapsed(worker_id)
         except (RedisError, OSError) as exc:
-            now = time.monotonic()
-            if self._lapse_unknown_logged_at is None or now - self._lapse_unknown_logged_at >= LOG_EVERY_S:
-                self._lapse_unknown_logged_at = now
-                logger.warning("workers' heartbeats cannot be read (redis unreachable: %r); calls go on", exc)
+            self._heartbeats_outage.failed(exc, ": calls go on")
             return False
-        self._lapse_unknown_logged_at = None
+        self._heartbeats_outage.recovered()
         return lapsed

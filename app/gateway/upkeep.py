@@ -8,7 +8,7 @@ that stopped beating end failed/gateway_lost, a `ringing` record whose stream ne
 it, so the records of a killed gateway are ended within about `gateway_lapse_s + gateway_reap_s`
 (~17 s with the defaults) by whichever gateway is left or starts next.
 
-While Redis is unreachable both loops keep trying and say so once per LOG_EVERY_S, not per try.
+While Redis is unreachable both loops keep trying and say so once per 30 s (`app/outage.py`), not per try.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ import logging
 import os
 import secrets
 import socket
-import time
 
 from redis.exceptions import RedisError
 
 from app.callstate import CallStore
 from app.config import GatewaySettings
 from app.gateway.metrics import GatewayMetrics
+from app.outage import OutageLog
 
 logger = logging.getLogger(__name__)
-
-LOG_EVERY_S = 30.0
 
 
 def instance_id(settings: GatewaySettings) -> str:
@@ -47,8 +45,8 @@ class Upkeep:
         self.settings = settings
         self.metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
-        self._failing_since: dict[str, float] = {}  # loop name -> when Redis started failing it
-        self._logged_at: dict[str, float] = {}
+        self._beat_outage = OutageLog(logger, f"gateway {self.gateway_id} heartbeat")
+        self._reap_outage = OutageLog(logger, f"gateway {self.gateway_id} reaper")
 
     async def start(self) -> None:
         """Beat and reap once now (a Redis error is logged, not raised), then keep doing it."""
@@ -79,9 +77,9 @@ class Upkeep:
         try:
             await self.store.gateway_heartbeat(self.gateway_id, self.settings.gateway_heartbeat_s)
         except (RedisError, OSError) as exc:
-            self._failed("heartbeat", exc)
+            self._beat_outage.failed(exc)
             return
-        self._recovered("heartbeat")
+        self._beat_outage.recovered()
 
     async def _reap(self) -> None:
         try:
@@ -90,27 +88,12 @@ class Upkeep:
                 transfer_timeout_s=self.settings.transfer_timeout_s,
             )
         except (RedisError, OSError) as exc:
-            self._failed("reaper", exc)
+            self._reap_outage.failed(exc)
             return
-        self._recovered("reaper")
+        self._reap_outage.recovered()
         for record in reaped:
             self.metrics.reaped.labels(record.end_reason.value).inc()
             logger.warning(
                 "call %s: was %s with nobody to end it: failed (%s): %s",
                 record.call_id, record.was.value, record.end_reason.value, record.error,
             )
-
-    def _failed(self, loop: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        since = self._failing_since.setdefault(loop, now)
-        if now - self._logged_at.get(loop, 0.0) >= LOG_EVERY_S:
-            self._logged_at[loop] = now
-            logger.warning(
-                "gateway %s %s: redis unreachable for %.0f s (%r); retrying", self.gateway_id, loop, now - since, exc
-            )
-
-    def _recovered(self, loop: str) -> None:
-        since = self._failing_since.pop(loop, None)
-        if since is not None:
-            self._logged_at.pop(loop, None)
-            logger.info("gateway %s %s: redis reachable again after %.0f s", self.gateway_id, loop, time.monotonic() - since)

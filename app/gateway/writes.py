@@ -11,7 +11,7 @@ as an error. An outage shorter than the queue loses no record.
 
 A write that fails for another reason (an `InvalidTransition`: a status callback ended the record
 meanwhile; a bug) is logged once and skipped: it would fail again.
-Redis trouble is logged once per LOG_EVERY_S with the queue's length, not once per write.
+Redis trouble is logged once per 30 s with the queue's length (`app/outage.py`), not once per write.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.callstate import InvalidTransition
+from app.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 
 Op = Callable[[], Awaitable[Any]]
 
-LOG_EVERY_S = 30.0
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
 MAX_WRITES = 20_000  # ~10 minutes of 30 busy calls' text pieces; a few MB at most
@@ -69,8 +69,7 @@ class StateWriter:
         self._queue: deque[_Write] = deque()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._unreachable_since: float | None = None
-        self._logged_at = 0.0
+        self._outage = OutageLog(logger, "call-state writer")
 
     @property
     def queued(self) -> int:
@@ -79,7 +78,7 @@ class StateWriter:
     @property
     def redis_unreachable(self) -> bool:
         """The last write found Redis unreachable (and it has not been written since)."""
-        return self._unreachable_since is not None
+        return self._outage.failing
 
     def start(self) -> None:
         if self._task is None:
@@ -145,7 +144,7 @@ class StateWriter:
                 await write.op()
             except _UNREACHABLE as exc:
                 self.stats.retries += 1
-                self._unreachable(exc)
+                self._outage.failed(exc, f": {len(self._queue)} call-state writes queued")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
@@ -160,30 +159,10 @@ class StateWriter:
                 self.stats.written += 1
                 self._finish(write, True)
             delay = RETRY_FIRST_S
-            self._reachable()
+            self._outage.recovered(f": {len(self._queue)} call-state writes still queued")
 
     def _finish(self, write: _Write, ok: bool) -> None:
         if self._queue and self._queue[0] is write:
             self._queue.popleft()
         if not write.done.done():
             write.done.set_result(ok)
-
-    def _unreachable(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._unreachable_since is None:
-            self._unreachable_since = now
-        if now - self._logged_at >= LOG_EVERY_S:
-            self._logged_at = now
-            logger.warning(
-                "redis unreachable for %.0f s (%r): %d call-state writes queued, retrying",
-                now - self._unreachable_since, exc, len(self._queue),
-            )
-
-    def _reachable(self) -> None:
-        if self._unreachable_since is not None:
-            logger.info(
-                "redis reachable again after %.0f s: %d call-state writes still queued",
-                time.monotonic() - self._unreachable_since, len(self._queue),
-            )
-            self._unreachable_since = None
-            self._logged_at = 0.0

@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from app.callstate import CallStore, connect_redis
 from app.config import WorkerSettings
+from app.outage import OutageLog
 from app.protocol import (
     FRAME_SECONDS,
     SESSION_PATH,
@@ -66,7 +67,6 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0  # the gateway must say Start this soon after connecting
 READY_TIMEOUT_S = 30.0  # joins are applied between ticks; this only catches a wedged engine
 DRAIN_TIMEOUT_S = 5.0  # after End: time for the queued frames and Ended to go out
-HEARTBEAT_LOG_EVERY_S = 30.0
 OUTBOX_FRAMES = 64  # bot frames buffered toward a slow reader before the oldest is dropped
 
 CLOSE_NORMAL = 1000
@@ -243,9 +243,8 @@ async def _heartbeat(
     beat: Callable[[], Awaitable[None]], worker_id: str, every_s: float, stopping: asyncio.Event
 ) -> None:
     """Every `every_s` seconds: this worker is alive (slots in use, draining) until `stopping`.
-    While Redis is unreachable that is logged once per HEARTBEAT_LOG_EVERY_S, not once per beat."""
-    failing_since: float | None = None
-    logged_at = 0.0
+    While Redis is unreachable that is logged once per 30 s (`app/outage.py`), not once per beat."""
+    outage = OutageLog(logger, f"heartbeat of worker {worker_id}")
     while not stopping.is_set():
         try:
             await asyncio.wait_for(stopping.wait(), every_s)
@@ -255,18 +254,9 @@ async def _heartbeat(
         try:
             await beat()
         except (RedisError, OSError) as exc:
-            now = time.monotonic()
-            failing_since = failing_since if failing_since is not None else now
-            if now - logged_at >= HEARTBEAT_LOG_EVERY_S:
-                logged_at = now
-                logger.warning(
-                    "heartbeat of worker %s failing for %.0f s (redis unreachable? %s); calls go on",
-                    worker_id, now - failing_since, exc,
-                )
+            outage.failed(exc, ": calls go on")
             continue
-        if failing_since is not None:
-            logger.info("heartbeat of worker %s back after %.0f s", worker_id, time.monotonic() - failing_since)
-            failing_since, logged_at = None, 0.0
+        outage.recovered()
 
 
 class Drain:
