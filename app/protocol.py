@@ -5,7 +5,8 @@ PCM16 little-endian mono at 24 kHz, exactly one 80 ms model frame (1920 samples)
 
     gateway -> worker   Start, then audio frames (caller), then End
     worker  -> gateway  Ready (slot held, persona loaded), then one bot frame for every caller
-                        frame, silence included, plus Text events; Move when the worker asks the
+                        frame, silence included, plus Text events and Timing reports (how long
+                        caller frames waited for their tick); Move when the worker asks the
                         gateway to take the call elsewhere (it is draining); Ended when the worker
                         closes the session, Error (then close) on a refusal or a failure
 
@@ -40,6 +41,8 @@ TOKEN_BYTES = TOKENS_PER_FRAME * 2  # int16 LE
 BOT_FRAME_BYTES = FRAME_BYTES + TOKEN_BYTES
 MAX_RESUME_FRAMES = 3000  # a context's worth of call frames (240 s): more is never needed
 MAX_WARM_FRAMES = 25  # caller audio replayed into a new worker's codec before a resumed call (2 s)
+TIMING_FIRST_FRAMES = 4  # a session's first Timing covers its first 4 frames (alignment early in the call)
+TIMING_EVERY_FRAMES = 12  # then one Timing per 12 frames (~1 s)
 
 
 class ProtocolError(ValueError):
@@ -180,6 +183,22 @@ class Text(_Message):
     frame: int
 
 
+class Timing(_Message):
+    """How long the call's caller frames waited at the worker for the tick that ran them.
+
+    Over the `frames` caller frames up to this session's output index `frame`: the least time
+    between a frame's arrival at the worker and the start of its tick. The worker's ticks follow a
+    fixed grid (`tick_ms` apart), so this is how early the gateway's frames complete before a tick;
+    the gateway shifts its framing to shorten it (app/pipecat/tick_align.py).
+    """
+
+    type: Literal["timing"] = "timing"
+    frame: int = Field(ge=0)
+    frames: int = Field(ge=1)
+    wait_ms: float = Field(ge=0)
+    tick_ms: float = Field(gt=0)
+
+
 class Error(_Message):
     type: Literal["error"] = "error"
     code: Literal["bad_request", "unknown_persona", "busy", "unauthorized", "internal", "shutting_down"]
@@ -194,7 +213,7 @@ class Ended(_Message):
 
 
 ClientMessage = Annotated[Start | End, Field(discriminator="type")]
-ServerMessage = Annotated[Ready | Text | Move | Error | Ended, Field(discriminator="type")]
+ServerMessage = Annotated[Ready | Text | Timing | Move | Error | Ended, Field(discriminator="type")]
 
 _client = TypeAdapter(ClientMessage)
 _server = TypeAdapter(ServerMessage)
@@ -213,7 +232,7 @@ def decode_client(data: str | bytes) -> Start | End:
         raise ProtocolError(f"bad client message: {_summary(exc)}") from exc
 
 
-def decode_server(data: str | bytes) -> Ready | Text | Move | Error | Ended:
+def decode_server(data: str | bytes) -> Ready | Text | Timing | Move | Error | Ended:
     """Parse a worker -> gateway control message."""
     try:
         return _server.validate_json(data)

@@ -7,10 +7,10 @@ request of an ended call can never touch the next call in the same slot. A recor
 
 It is a module of its own, not part of `scheduler.py`, because three modules write parts of it, each
 from its own thread, and the ownership of each field is easiest to see in one place:
-    the scheduler  phase, slot, queue, reason, aborted, joined, frames_in/run/dropped: under its
-                   lock (final once the call is released, so anyone may read them then);
-    the engine     resume, history, frames_out, next_frame, offset, caller_codes, rebuilds: on the
-                   engine thread only;
+    the scheduler  phase, slot, queue, wait_s, reason, aborted, joined, frames_in/run/dropped:
+                   under its lock (final once the call is released, so anyone may read them then);
+    the engine     resume, history, frames_out, next_frame, offset, caller_codes, rebuilds, waits:
+                   on the engine thread only;
     the server     moving: on the event loop only.
 The identity fields (call_id, persona_id, sampling, sink) never change.
 
@@ -28,9 +28,20 @@ from enum import StrEnum
 
 import numpy as np
 
-from app.protocol import CallHistory, Ended, Error, Ready, Resume, Sampling, Text
+from app.protocol import (
+    TIMING_EVERY_FRAMES,
+    TIMING_FIRST_FRAMES,
+    CallHistory,
+    Ended,
+    Error,
+    Ready,
+    Resume,
+    Sampling,
+    Text,
+    Timing,
+)
 
-Output = bytes | Ready | Text | Error | Ended
+Output = bytes | Ready | Text | Timing | Error | Ended
 Sink = Callable[[Output], None]
 
 
@@ -39,6 +50,28 @@ class SlotPhase(StrEnum):
     PREFILLING = "prefilling"
     ACTIVE = "active"
     DRAINING = "draining"
+
+
+class QueueWaits:
+    """The least queue wait over a run of a call's frames, for `protocol.Timing`: the first report
+    after `first` frames (the gateway aligns early in the call), then one every `every` frames."""
+
+    def __init__(self, first: int = TIMING_FIRST_FRAMES, every: int = TIMING_EVERY_FRAMES) -> None:
+        self.first, self.every = first, every
+        self.reports = 0
+        self._least = float("inf")
+        self._count = 0
+
+    def add(self, wait_s: float) -> tuple[float, int] | None:
+        """One frame's wait; (least wait, frames) when a report is due, else None."""
+        self._least = min(self._least, wait_s)
+        self._count += 1
+        if self._count < (self.first if self.reports == 0 else self.every):
+            return None
+        report = (self._least, self._count)
+        self.reports += 1
+        self._least, self._count = float("inf"), 0
+        return report
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the record is the handle
@@ -55,7 +88,8 @@ class Call:
     # the scheduler's, under its lock
     phase: SlotPhase = SlotPhase.FREE
     slot: int = -1  # -1 until reserved; kept after the release (the slot no longer holds this record)
-    queue: deque[bytes] = field(default_factory=deque, repr=False)  # caller frames (PCM16) not yet run
+    queue: deque[tuple[bytes, float]] = field(default_factory=deque, repr=False)  # (PCM16, arrived) not yet run
+    wait_s: float = 0.0  # how long the frame of the last planned tick waited in the queue
     reason: str = ""  # why it left: the End's reason, or "aborted"
     aborted: bool = False  # freed by an abort (True) or drained after a leave
     joined: bool = False  # the engine loaded its state (activate); stays True after the release
@@ -69,6 +103,8 @@ class Call:
     offset: int = 0  # the slot's LM offset (host mirror): the next step writes KV position offset - 1
     caller_codes: np.ndarray | None = None  # [8] caller codes of the frame in progress
     rebuilds: int = 0
+    waits: QueueWaits = field(default_factory=QueueWaits, repr=False)
 
     # the server's, on its event loop
     moving: bool = False  # the gateway was asked to move this call elsewhere
+

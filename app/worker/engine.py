@@ -11,6 +11,9 @@ would hear that much more delay from then on): while any running slot still has 
 frames queued after a tick, the next tick runs at once, off the grid (counted as a catch-up), so
 its queue is back to at most one frame within a few ticks; then the grid resumes.
 
+Each caller frame's wait in its queue (arrival to the start of its tick) is reported to the gateway
+as `protocol.Timing` (the least over ~1 s of frames), so it can align its framing to the grid.
+
 Each bot frame carries the tokens of the call frame its step completed (`protocol.pack_bot_frame`);
 the engine keeps them too (`protocol.CallHistory`), rebuilds a long call's context before its
 persona prompt would leave the attention window, and rebuilds a call moving in from another worker
@@ -47,6 +50,7 @@ from app.protocol import (
     Resume,
     Sampling,
     Text,
+    Timing,
     pack_bot_frame,
 )
 from app.worker.call import Call, Output, Sink, SlotPhase
@@ -420,6 +424,10 @@ class Engine:
             piece = rt.text_piece(token) if token >= 0 else None
             if piece:
                 self._emit(call, Text(text=piece, frame=index))
+            waits = call.waits.add(call.wait_s)
+            if waits is not None:
+                least, frames = waits
+                self._emit(call, Timing(frame=index, frames=frames, wait_ms=least * 1000, tick_ms=self.tick_s * 1000))
         if self.metrics is not None:
             self.metrics.frames_out.inc(len(plan))
         audio = torch.from_numpy(host[:, FRAME_SAMPLES + 1 :].astype(np.int64))

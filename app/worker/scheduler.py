@@ -18,12 +18,15 @@ call in the same slot. A released record keeps its counters, reason and `aborted
 
 A slot runs a tick iff its call is ACTIVE (or DRAINING) and has a caller frame queued; the other rows
 are masked off and keep their state. Each call queues at most `max_queue_frames` caller frames; a
-frame beyond that pushes out the oldest one, which is counted as dropped.
+frame beyond that pushes out the oldest one, which is counted as dropped. Each queued frame keeps
+the time it arrived (`clock`, time.monotonic by default); `plan_tick` sets `Call.wait_s`, how long
+the frame it hands the engine waited for its tick (the worker reports it: `protocol.Timing`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +65,7 @@ class Scheduler:
         max_slots: int,
         max_queue_frames: int,
         on_request: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
@@ -70,6 +74,7 @@ class Scheduler:
         self.max_slots = max_slots
         self.max_queue_frames = max_queue_frames
         self._on_request = on_request
+        self._clock = clock
         self._lock = threading.Lock()
         self._slots: list[Call | None] = [None] * max_slots
         self._joins: list[Call] = []
@@ -108,7 +113,7 @@ class Scheduler:
                 call.queue.popleft()
                 call.frames_dropped += 1
                 self._frames_dropped += 1
-            call.queue.append(frame)
+            call.queue.append((frame, self._clock()))
             return True
 
     def request_leave(self, call: Call, reason: str = "ended") -> None:
@@ -158,12 +163,16 @@ class Scheduler:
             return True
 
     def plan_tick(self) -> list[tuple[Call, bytes]]:
-        """Pop one caller frame for every slot that runs this tick (ACTIVE or DRAINING with a frame)."""
+        """Pop one caller frame for every slot that runs this tick (ACTIVE or DRAINING with a frame);
+        each such call's `wait_s` says how long that frame waited."""
         plan: list[tuple[Call, bytes]] = []
         with self._lock:
+            now = self._clock()
             for call in self._slots:
                 if call is not None and call.queue and call.phase in _RUNS:
-                    plan.append((call, call.queue.popleft()))
+                    frame, arrived = call.queue.popleft()
+                    call.wait_s = now - arrived
+                    plan.append((call, frame))
                     call.frames_run += 1
             self._frames_run += len(plan)
         return plan

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from app.protocol import Ended, Error, Ready, Sampling, Text, unpack_bot_frame
+from app.protocol import Ended, Error, Ready, Sampling, Text, Timing, unpack_bot_frame
 from app.worker.engine import Engine, TickResult, next_grid_point
 from app.worker.metrics import WorkerMetrics
 from app.worker.runtime import Runtime, UnknownPersona
@@ -320,6 +320,35 @@ def test_frames_queued_during_a_stall_are_caught_up_off_the_grid_not_left_queued
         engine.stop()
     assert caught_up_in < 2.0, caught_up_in  # generous; without catch-up it is >= 2.0 s by construction
     assert engine.stats().catch_ups >= 4
+
+
+def test_the_engine_reports_how_long_caller_frames_wait_for_their_tick(runtime: Runtime) -> None:
+    """Timing: the least wait over the first 4 frames, then over every 12, with the tick period.
+    Each frame here is pushed as soon as the previous answer came, i.e. just after a tick, so from
+    the second frame on each waits almost a whole period (0.15 s) for the next grid point."""
+    engine = make_engine(runtime, tick_s=0.15)
+    engine.start()
+    try:
+        call, out = open_call(engine, "timed", seed=4)
+        assert out.event.wait(5.0)
+        frames = caller_frames(16)
+        engine.push(call, frames[0])  # lands at an arbitrary phase of the grid
+        for i in range(1, 17):
+            deadline = time.monotonic() + 10.0
+            while len(out.of(bytes)) < i and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if i < 16:
+                engine.push(call, frames[i])
+        deadline = time.monotonic() + 5.0
+        while len(out.of(Timing)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        engine.stop()
+    first, second = out.of(Timing)
+    assert (first.frame, first.frames, second.frame, second.frames) == (3, 4, 15, 12)
+    assert first.tick_ms == second.tick_ms == pytest.approx(150)
+    # a period minus the tick itself and the push's delay (generous for a loaded box)
+    assert 40 < second.wait_ms < 150, second.wait_ms
 
 
 def test_stop_tells_open_calls_the_worker_is_shutting_down(runtime: Runtime) -> None:

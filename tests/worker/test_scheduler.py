@@ -223,3 +223,21 @@ def test_backlog_is_the_longest_queue_of_a_running_call() -> None:
     sched.plan_tick()
     sched.plan_tick()
     assert sched.backlog() == 0
+
+
+def test_a_planned_frame_says_how_long_it_waited_in_its_queue() -> None:
+    """The worker reports each caller frame's wait for its tick (protocol.Timing): the scheduler
+    stamps a frame when it arrives and `plan_tick` sets the call's `wait_s` from that stamp."""
+    now = [100.0]
+    sched = Scheduler(max_slots=2, max_queue_frames=4, clock=lambda: now[0])
+    a, b = joined(sched, "a"), joined(sched, "b")
+    sched.push_frame(a, frame(1))
+    now[0] += 0.030
+    sched.push_frame(b, frame(2))
+    sched.push_frame(a, frame(3))
+    now[0] += 0.050
+    assert sched.plan_tick() == [(a, frame(1)), (b, frame(2))]
+    assert a.wait_s == pytest.approx(0.080) and b.wait_s == pytest.approx(0.050)
+    now[0] += 0.010
+    assert sched.plan_tick() == [(a, frame(3))]
+    assert a.wait_s == pytest.approx(0.060)  # the second frame's own stamp, not the first's
