@@ -3,9 +3,14 @@
 Pipecat hands the service `InputAudioRawFrame`s of any length, sample rate and channel count
 (20 ms at 8 kHz from Twilio, 10-20 ms at 24 kHz from WebRTC). They are mixed down to mono,
 converted to 24 kHz with `FrameResampler` (app/pipecat/audio.py: no look-ahead, so nothing is held
-back but whole-frame remainders) and cut into 1920-sample frames, queued for the sender. The
-queue is bounded: when the worker falls behind, the oldest frame is dropped, so the caller's
-audio reaches the worker late by at most `capacity` frames.
+back but whole-frame remainders) and cut into 1920-sample frames, queued for the sender with the
+time the audio that completed each frame arrived. The queue is bounded: when the worker falls
+behind, the oldest frame is dropped, so the caller's audio reaches the worker late by at most
+`capacity` frames.
+
+`shift` moves where frames are cut (app/pipecat/tick_align.py says why): silence inserted at once
+(frames complete earlier), or caller audio dropped (frames complete later). A drop waits for a
+quiet message (at most `QUIET_WAIT_S` of audio), so it takes a pause, not a syllable, when it can.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import numpy as np
 from app import protocol
 from app.pipecat.audio import FrameResampler, float_to_pcm16, pcm16_mono
 
+QUIET_RMS = 328.0  # -40 dBFS in int16 scale: a message this quiet is a pause
+QUIET_WAIT_S = 1.0  # a drop waits this much audio for a quiet message, then takes the next one
+
 
 class CallerFrames:
     """A bounded queue of 80 ms, 24 kHz PCM16 caller frames, filled from audio of any format."""
@@ -27,17 +35,27 @@ class CallerFrames:
         self.capacity = capacity
         self._resampler: FrameResampler | None = None
         self._buffer = np.zeros(0)  # [n] 24 kHz samples waiting to fill a frame
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[bytes, float]] = deque()  # (PCM16 frame, when its last audio arrived)
+        self.chunk_s = 0.0  # duration of the last audio handed in (a transport message)
+        self._drop = 0  # 24 kHz samples still to drop
+        self._drop_waited = 0  # samples seen since the drop was asked for
+        self.samples_dropped = 0  # by shifts, in all
+        self.samples_inserted = 0
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, audio: bytes, sample_rate: int, num_channels: int) -> tuple[int, int]:
-        """Take PCM16 audio (interleaved when num_channels > 1); returns (frames queued, frames dropped)."""
+    def add(self, audio: bytes, sample_rate: int, num_channels: int, arrived_at: float) -> tuple[int, int]:
+        """Take PCM16 audio (interleaved when num_channels > 1) that arrived at `arrived_at`;
+        returns (frames queued, frames dropped)."""
         if self._resampler is None or self._resampler.in_rate != sample_rate:
             self._resampler = FrameResampler(sample_rate, protocol.SAMPLE_RATE)
         mono = pcm16_mono(audio, num_channels)  # [n] at sample_rate
-        self._buffer = np.concatenate([self._buffer, self._resampler.process(mono)])
+        self.chunk_s = len(mono) / sample_rate
+        chunk = self._resampler.process(mono)  # [m] at 24 kHz
+        if self._drop:
+            chunk = self._take_drop(chunk)
+        self._buffer = np.concatenate([self._buffer, chunk]) if len(self._buffer) else chunk
         queued = dropped = 0
         while len(self._buffer) >= protocol.FRAME_SAMPLES:
             frame = float_to_pcm16(self._buffer[: protocol.FRAME_SAMPLES])  # 1920 samples
@@ -45,12 +63,22 @@ class CallerFrames:
             if len(self._queue) >= self.capacity:
                 self._queue.popleft()  # drop the oldest: latency stays bounded
                 dropped += 1
-            self._queue.append(frame)
+            self._queue.append((frame, arrived_at))
             queued += 1
         return queued, dropped
 
-    def pop(self) -> bytes:
-        """The oldest queued frame (the queue must not be empty)."""
+    def shift(self, seconds: float) -> None:
+        """Cut later frames `seconds` later (> 0: drop that much caller audio, at the next quiet
+        message) or earlier (< 0: insert that much silence now)."""
+        samples = round(abs(seconds) * protocol.SAMPLE_RATE)
+        if seconds > 0:
+            self._drop += samples
+        elif samples:
+            self._buffer = np.concatenate([np.zeros(samples), self._buffer])
+            self.samples_inserted += samples
+
+    def pop(self) -> tuple[bytes, float]:
+        """The oldest queued frame and when its last audio arrived (the queue must not be empty)."""
         return self._queue.popleft()
 
     def trim(self, keep: int) -> int:
@@ -61,3 +89,15 @@ class CallerFrames:
             dropped += 1
         return dropped
 
+    def _take_drop(self, chunk: np.ndarray) -> np.ndarray:
+        """Drop pending samples from this chunk if it is quiet, or if the drop has waited long enough."""
+        self._drop_waited += len(chunk)
+        quiet = len(chunk) > 0 and float(np.sqrt(np.mean(chunk * chunk))) <= QUIET_RMS
+        if not quiet and self._drop_waited < QUIET_WAIT_S * protocol.SAMPLE_RATE:
+            return chunk
+        take = min(self._drop, len(chunk))
+        self._drop -= take
+        self.samples_dropped += take
+        if not self._drop:
+            self._drop_waited = 0
+        return chunk[take:]

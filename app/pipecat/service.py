@@ -11,7 +11,11 @@ Put it between a transport's input and output, like any speech-to-speech service
 - `InputAudioRawFrame`s (any sample rate, mono or interleaved) become exact 80 ms frames at 24 kHz
   (app/pipecat/caller_frames.py), sent from a bounded queue (`send_queue_frames`, the oldest
   dropped), at most `max_in_flight_frames` unanswered at the worker. Caller audio before the
-  first `Ready` is not sent.
+  first `Ready` is not sent. Where the frames are cut follows the worker's tick grid (its
+  `protocol.Timing` reports; app/pipecat/tick_align.py), so a frame waits there 8-28 ms for its
+  tick, not 0-80 ms.
+- Each played frame's server-added latency (gateway in, worker, gateway out) is handed to
+  `on_latency` (app/pipecat/latency.py).
 - Every bot frame (`protocol.unpack_bot_frame`) is converted to the pipeline's output rate and
   pushed downstream as `SpeechOutputAudioRawFrame` when the `OutputPacer` says it is due: the
   pacer is the one real-time clock of the bot's audio (app/pipecat/pacer.py says why it is here
@@ -62,6 +66,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipecat.frames.frames import (
@@ -84,9 +89,11 @@ from app import protocol
 from app.callstate import EndReason, Reservation
 from app.pipecat.audio import FrameResampler
 from app.pipecat.caller_frames import CallerFrames
+from app.pipecat.latency import RECEIVED_AT, FrameLatency, LatencyTrace
 from app.pipecat.pacer import OutputPacer
 from app.pipecat.router import WorkerRouter
 from app.pipecat.tape import CallTape
+from app.pipecat.tick_align import TickAligner
 from app.pipecat.worker_link import Loss, Refusal, WorkerLink, WorkerSession, close_quietly
 
 logger = logging.getLogger(__name__)
@@ -123,6 +130,9 @@ class SessionStats:
     playout_resyncs: int = 0  # times the pacer dropped frames to get back to its playout target
     playout_restarts: int = 0  # times the pacer's clock restarted: a bot frame came too late to keep time
     input_frames_dropped: int = 0  # caller frames not sent: the send queue was full, or stale after a move
+    align_shifts: int = 0  # times the caller's framing moved to the worker's tick (app/pipecat/tick_align.py)
+    align_dropped_ms: float = 0.0  # caller audio dropped by those shifts
+    align_inserted_ms: float = 0.0  # silence inserted by them
     frames_resent: int = 0  # caller frames sent again to a new worker
     frames_replayed: int = 0  # bot frames of a new worker for frames the caller had already heard
     texts: int = 0  # text pieces pushed downstream
@@ -165,6 +175,8 @@ class PersonaPlexService(AIService):
         failover_timeout_s: float = 5.0,
         heartbeat_check_s: float = 1.0,
         answer_timeout_s: float = 2.0,
+        frame_align: bool = True,
+        on_latency: Callable[[FrameLatency], None] | None = None,
         audio_passthrough: bool = False,
         **kwargs,
     ) -> None:
@@ -189,6 +201,9 @@ class PersonaPlexService(AIService):
         answer_timeout_s: a worker that answers none of the caller frames it holds for this long
             (its host is alive, its engine wedged, or the network between us silently lost) is
             treated as lost and the call moves (checked with the heartbeat).
+        frame_align: cut the caller's frames so that each is complete just before the worker's
+            tick, from the worker's `protocol.Timing` reports (app/pipecat/tick_align.py).
+        on_latency: told each played frame's latency per segment (app/pipecat/latency.py); keep it cheap.
         audio_passthrough: also push the caller's InputAudioRawFrames downstream.
         """
         if router is None and reservation is None:
@@ -231,10 +246,13 @@ class PersonaPlexService(AIService):
         self._sender_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._retry_task: asyncio.Task | None = None  # a Move tried again later
-        self._pacer: OutputPacer[tuple[bytes, int]] = OutputPacer(  # (audio, generation)
+        self._pacer: OutputPacer[tuple[bytes, int, int]] = OutputPacer(  # (audio, generation, call frame index)
             capacity=output_queue_frames, target_frames=playout_target_frames
         )
         self._caller = CallerFrames(send_queue_frames)
+        self._aligner = TickAligner() if frame_align else None
+        self._latency = LatencyTrace()
+        self._on_latency = on_latency
         self._send_wake = asyncio.Event()
         self._changes: dict[int, WorkerChange] = {}  # generation -> change not yet told
         self._out_resampler = FrameResampler(protocol.SAMPLE_RATE, protocol.SAMPLE_RATE)  # set in setup()
@@ -294,7 +312,8 @@ class PersonaPlexService(AIService):
     def _take_caller_audio(self, frame: InputAudioRawFrame) -> None:
         if self.ready is None or self._closing or self.end_reason is not None:
             return
-        queued, dropped = self._caller.add(frame.audio, frame.sample_rate, frame.num_channels)
+        arrived_at = frame.metadata.get(RECEIVED_AT) or time.monotonic()
+        queued, dropped = self._caller.add(frame.audio, frame.sample_rate, frame.num_channels, arrived_at)
         self.stats.input_frames_dropped += dropped
         if queued:
             self._send_wake.set()
@@ -318,6 +337,7 @@ class PersonaPlexService(AIService):
                     await self._wait_send(wait_s)
                     continue
             resend = session.next_send < self.tape.sent
+            arrived_at = None
             if resend:
                 pcm = self.tape.caller(session.next_send)
                 if pcm is None:
@@ -326,10 +346,13 @@ class PersonaPlexService(AIService):
                     )
                     pcm = _SILENCE
             else:
-                pcm = self._caller.pop()
+                pcm, arrived_at = self._caller.pop()
                 self.tape.add_caller(pcm)
+            index = session.next_send
             session.next_send += 1
             session.last_send_at = time.monotonic()
+            if arrived_at is not None:
+                self._latency.sent(index, arrived_at, session.last_send_at)
             try:
                 await session.ws.send(pcm)
             except ConnectionClosed:
@@ -421,7 +444,11 @@ class PersonaPlexService(AIService):
         """The session's messages until it stops serving: a Loss (the call may move), or None
         (ended by us, or failed for good: `_fail` was called)."""
         outcome = await self._link.receive(
-            session, on_bot_frame=self._take_bot_frame, on_text=self._push_text, closing=lambda: self._closing
+            session,
+            on_bot_frame=self._take_bot_frame,
+            on_text=self._push_text,
+            on_timing=self._take_timing,
+            closing=lambda: self._closing,
         )
         if isinstance(outcome, Refusal):
             await self._fail(outcome.end_reason, outcome.detail)
@@ -595,6 +622,8 @@ class PersonaPlexService(AIService):
         frames that went stale while no worker served the call (only a window's worth stays)."""
         session.next_send = session.base
         session.replay_until = self.tape.answered
+        if self._aligner is not None:
+            self._aligner.restart()  # a new worker: a new tick grid
         pending = self.tape.sent - session.base
         self.stats.input_frames_dropped += self._caller.trim(max(1, self._max_in_flight - pending))
         self._session = session
@@ -656,6 +685,27 @@ class PersonaPlexService(AIService):
         await self.push_error(f"call {self.call_id}: {detail}", force_treat_as_permanent=True)
 
     # ------------------------------------------------------------------ worker -> caller
+    def _take_timing(self, session: WorkerSession, timing: protocol.Timing) -> None:
+        """Move the caller's framing toward the worker's tick (app/pipecat/tick_align.py), when the
+        report is of the serving worker in a steady state (no backlog here or there)."""
+        if self._aligner is None or session is not self._session or session.paused or self._caller:
+            return
+        if session.next_send - (session.base + session.answers) > 1:
+            return
+        shift = self._aligner.shift(wait_s=timing.wait_ms / 1000, step_s=self._caller.chunk_s, now=time.monotonic())
+        if not shift:
+            return
+        self._caller.shift(shift)
+        self.stats.align_shifts += 1
+        if shift > 0:
+            self.stats.align_dropped_ms += shift * 1000
+        else:
+            self.stats.align_inserted_ms -= shift * 1000
+        logger.debug(
+            "call %s: frames waited %.1f ms for worker %s's tick: framing moved %+.0f ms",
+            self.call_id, timing.wait_ms, session.worker_id, shift * 1000,
+        )
+
     def _take_bot_frame(self, session: WorkerSession, data: bytes) -> None:
         index = session.base + session.answers  # the caller frame this answers
         session.answers += 1
@@ -672,8 +722,9 @@ class PersonaPlexService(AIService):
             return
         self.tape.answered = index + 1
         self.stats.frames_received += 1
+        self._latency.answered(index, session.last_answer_at)
         audio = self._out_resampler.process_pcm16(pcm)
-        self.stats.frames_dropped += self._pacer.put((audio, session.generation))
+        self.stats.frames_dropped += self._pacer.put((audio, session.generation, index))
 
     async def _play_out(self) -> None:
         """Push each bot frame downstream when the pacer says it is due (app/pipecat/pacer.py)."""
@@ -686,10 +737,13 @@ class PersonaPlexService(AIService):
                 self.stats.playout_resyncs += 1
             if paced.restarted:
                 self.stats.playout_restarts += 1
-            audio, frame_generation = paced.item
+            audio, frame_generation, index = paced.item
             await self.push_frame(SpeechOutputAudioRawFrame(audio=audio, sample_rate=self._out_rate, num_channels=1))
             pushed = time.monotonic()
             self.stats.frames_out += 1
+            latency = self._latency.played(index, pushed)
+            if latency is not None and self._on_latency is not None:
+                self._on_latency(latency)
             if frame_generation != generation:
                 generation = frame_generation
                 gap_ms = max(0.0, (pushed - last_end) * 1000) if last_end is not None else None

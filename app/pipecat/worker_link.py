@@ -9,8 +9,8 @@ messages and ends it with `End`. What can go wrong is sorted into two answers th
 - `Loss`: a serving worker stopped serving (its connection dropped, its heartbeat lapsed, it
   ended or failed the session): the call may move to another worker.
 
-It knows nothing of Pipecat frames, routing or the call's tape; bot frames and text are handed
-to the callbacks the service passes to `receive`.
+It knows nothing of Pipecat frames, routing or the call's tape; bot frames, text and the worker's
+Timing reports are handed to the callbacks the service passes to `receive`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Refusal:
 
 OnBotFrame = Callable[[WorkerSession, bytes], None]
 OnText = Callable[[str], Awaitable[None]]
+OnTiming = Callable[[WorkerSession, protocol.Timing], None]
 
 
 class WorkerLink:
@@ -179,6 +180,7 @@ class WorkerLink:
         *,
         on_bot_frame: OnBotFrame,
         on_text: OnText,
+        on_timing: OnTiming | None = None,
         closing: Callable[[], bool],
     ) -> Loss | Refusal | None:
         """The session's messages until it stops serving.
@@ -200,6 +202,9 @@ class WorkerLink:
                 if isinstance(reply, protocol.Text):
                     if session.base + reply.frame >= session.replay_until:  # frame: the session's output index
                         await on_text(reply.text)
+                elif isinstance(reply, protocol.Timing):
+                    if on_timing is not None:
+                        on_timing(session, reply)
                 elif isinstance(reply, protocol.Move):
                     logger.info(
                         "call %s: worker %s asks to move the call (%s)", self.call_id, session.worker_id, reply.reason

@@ -8,6 +8,11 @@ A resumed Start (`Start.resume`) continues the call's frame numbering at `resume
 Its tokens are easy to check: complete call frame i is 17 times the value `frame_token(i)`, so the
 answer to caller frame j carries `frame_token(j - 1)` (none for j = 0), on whichever worker.
 
+By default it answers each frame at once. With `tick_s` it answers like a real worker's engine: on
+a fixed grid (anchored `tick_phase_s` after the session's first caller frame arrived), one queued
+frame per tick, with `protocol.Timing` reports of how long the frames waited (the worker's own
+`QueueWaits`).
+
 Knobs make it refuse, stall/burst (`hold_frames`, or once: `stall_after`), drop the connection
 without a close, ask to move the call (`move_after`), take its time to answer End (`ended_delay_s`,
 as a real worker finishing its tick does), or die like a killed process (`kill`). Each session
@@ -29,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from app import protocol
+from app.worker.call import QueueWaits
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class FakeSession:
     frames: list[bytes] = field(default_factory=list)  # caller frames received, in order
     ended: protocol.End | None = None
     ended_sent: bool = False  # our Ended went out before the gateway closed the connection
+    waits: list[float] = field(default_factory=list)  # tick_s only: each frame's wait for its tick (s)
+    timings: list[protocol.Timing] = field(default_factory=list)  # tick_s only: the reports sent
 
 
 @dataclass
@@ -68,6 +76,8 @@ class FakeWorker:
     stall_s: float = 0.0
     ended_delay_s: float = 0.0  # wait this long before answering End with Ended
     seed: int = DEFAULT_SEED  # Ready.seed when Start.sampling has none
+    tick_s: float | None = None  # answer on a tick grid of this period (None: at once)
+    tick_phase_s: float = 0.0  # the grid's first tick, after the first caller frame arrived
 
     starts: list[protocol.Start] = field(default_factory=list)
     ends: list[protocol.End] = field(default_factory=list)
@@ -139,19 +149,11 @@ class FakeWorker:
     async def _stream(self, ws: ServerConnection, session: FakeSession) -> None:
         held: list[bytes] = []
         count = 0
-        async for message in ws:
-            if isinstance(message, str):
-                end = protocol.decode_client(message)
-                if isinstance(end, protocol.End):
-                    self.ends.append(end)
-                    session.ended = end
-                    await asyncio.sleep(self.ended_delay_s)
-                    ended = protocol.Ended(reason=end.reason, frames_in=count, frames_out=self.frames_out)
-                    await ws.send(protocol.encode(ended))
-                    session.ended_sent = True
-                    return
-                continue
-            protocol.check_frame(message)
+        queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+        ticker: asyncio.Task | None = None
+
+        async def answer(message: bytes) -> None:
+            nonlocal count
             index = session.next_frame + count  # the call frame this step answers
             count += 1
             self.frames_in += 1
@@ -173,6 +175,52 @@ class FakeWorker:
                 await ws.send(protocol.encode(protocol.Move(reason="draining")))
             if self.stall_after is not None and count == self.stall_after:
                 await asyncio.sleep(self.stall_s)  # the caller frames meanwhile wait in the socket
+
+        async def tick(period: float, first_at: float) -> None:
+            waits = QueueWaits()
+            loop = asyncio.get_running_loop()
+            due = first_at
+            while True:
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                due += period
+                if queue.empty():
+                    continue
+                message, arrived = queue.get_nowait()
+                wait = loop.time() - arrived
+                session.waits.append(wait)
+                await answer(message)
+                report = waits.add(wait)
+                if report is not None:
+                    timing = protocol.Timing(
+                        frame=count - 1, frames=report[1], wait_ms=report[0] * 1000, tick_ms=period * 1000
+                    )
+                    session.timings.append(timing)
+                    await ws.send(protocol.encode(timing))
+
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    end = protocol.decode_client(message)
+                    if isinstance(end, protocol.End):
+                        self.ends.append(end)
+                        session.ended = end
+                        await asyncio.sleep(self.ended_delay_s)
+                        ended = protocol.Ended(reason=end.reason, frames_in=count, frames_out=self.frames_out)
+                        await ws.send(protocol.encode(ended))
+                        session.ended_sent = True
+                        return
+                    continue
+                protocol.check_frame(message)
+                if self.tick_s is None:
+                    await answer(message)
+                    continue
+                now = asyncio.get_running_loop().time()
+                queue.put_nowait((message, now))
+                if ticker is None:
+                    ticker = asyncio.create_task(tick(self.tick_s, now + self.tick_phase_s))
+        finally:
+            if ticker is not None:
+                ticker.cancel()
 
 
 class FakeWorkerThread:

@@ -244,3 +244,82 @@ async def test_a_worker_refusal_ends_the_session(fake_worker: FakeWorker) -> Non
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "unknown_persona" in errors[0].error
     assert service.end_reason == "error" and service.ready is None
+
+
+class _Clock:
+    """The absolute clock of one caller's messages (anchored when the first is sent)."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+
+
+class SleepUntil(SleepFrame):
+    """A SleepFrame that sleeps until `offset_s` after the clock's anchor, as a caller that sends
+    on its own clock does (relative sleeps drift a few ms per frame on a busy loop)."""
+
+    def __init__(self, clock: _Clock, offset_s: float) -> None:
+        super().__init__()
+        self._clock, self._offset_s = clock, offset_s
+
+    @property
+    def sleep(self) -> float:
+        now = time.monotonic()
+        if self._clock.t0 is None:
+            self._clock.t0 = now - self._offset_s
+        return max(0.0, self._clock.t0 + self._offset_s - now)
+
+    @sleep.setter
+    def sleep(self, _value: float) -> None:  # SleepFrame's own default
+        pass
+
+
+def realtime_caller_audio(seconds: float, *, rate: int = PHONE_RATE) -> list[Frame]:
+    """Speech-like audio as 20 ms InputAudioRawFrames on an absolute 20 ms clock (as Twilio sends
+    them): a tone in bursts with quiet pauses, so a framing shift can take a pause."""
+    n = int(rate * 0.02)
+    t = np.arange(int(rate * seconds)) / rate
+    on = (t % 0.6) < 0.4
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 700 * t) * on).astype("<i2")
+    clock = _Clock()
+    frames: list[Frame] = []
+    for i, start in enumerate(range(0, len(pcm), n)):
+        frames += [SleepUntil(clock, 0.02 * i)]
+        frames += [InputAudioRawFrame(audio=pcm[start : start + n].tobytes(), sample_rate=rate, num_channels=1)]
+    return frames
+
+
+@pytest.mark.asyncio
+async def test_caller_frames_are_cut_to_complete_just_before_the_workers_tick(fake_worker: FakeWorker) -> None:
+    """The worker ticks on its own grid; here the caller's frames first complete 70 ms before a
+    tick, so each waits 70 ms there for nothing. From the worker's Timing reports the service
+    drops caller audio once (three 20 ms messages, in a pause) and the frames then wait at most
+    one message plus the margin. The latency it reports per frame says the same."""
+    fake_worker.tick_s, fake_worker.tick_phase_s = 0.08, 0.07
+    latencies = []
+    service = service_for(fake_worker, on_latency=latencies.append)
+    frames = [SleepFrame(0.3), *realtime_caller_audio(4.0), SleepFrame(0.4)]
+    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+
+    [session] = fake_worker.sessions
+    assert session.timings[0].wait_ms > 50  # before: ~70 ms
+    assert service.stats.align_shifts >= 1 and service.stats.align_dropped_ms >= 40
+    late = session.waits[-12:]  # the last second
+    assert max(late) < 0.045, late  # after: 8-28 ms (+ this loop's jitter); generous for a loaded box
+    assert np.median(late) < 0.035
+    # each played frame's latency, by segment: the worker's share fell with the wait
+    assert len(latencies) > 30
+    worker_first = np.median([f.worker for f in latencies[:4]])
+    worker_last = np.median([f.worker for f in latencies[-12:]])
+    assert worker_first > 0.05 and worker_last < 0.04, (worker_first, worker_last)
+    assert all(f.gateway_in >= 0 and f.gateway_out >= 0 and f.total >= f.worker for f in latencies)
+
+
+@pytest.mark.asyncio
+async def test_framing_stays_put_when_alignment_is_off(fake_worker: FakeWorker) -> None:
+    fake_worker.tick_s, fake_worker.tick_phase_s = 0.08, 0.07
+    service = service_for(fake_worker, frame_align=False)
+    frames = [SleepFrame(0.3), *realtime_caller_audio(2.0), SleepFrame(0.3)]
+    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+    [session] = fake_worker.sessions
+    assert service.stats.align_shifts == 0
+    assert np.median(session.waits[-8:]) > 0.05
