@@ -138,6 +138,10 @@ class GatewaySettings(RedisSettings):
         default=2.0, gt=0, description="a worker that answers none of a call's frames this long is lost: "
         "the call moves (checked with the heartbeat)",
     )
+    frame_align: bool = Field(
+        default=True, description="cut the caller's 80 ms frames to complete just before the worker's tick "
+        "(from the worker's Timing reports)",
+    )
     gateway_id: str | None = Field(
         default=None, description="name of this gateway in Redis (default: the hostname); each process adds a "
         "unique suffix",

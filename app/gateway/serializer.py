@@ -49,6 +49,7 @@ from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.twilio import TwilioFrameSerializer
 
 from app.audio_codec import mulaw_decode
+from app.pipecat.latency import RECEIVED_AT
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,10 @@ class GuardedTwilioSerializer(TwilioFrameSerializer):
         if not ulaw:
             return None  # no audio (pipecat skips it too)
         pcm = mulaw_decode(ulaw).tobytes()  # PCM16 little-endian, 2 bytes per μ-law byte
-        return InputAudioRawFrame(audio=pcm, sample_rate=TWILIO_SAMPLE_RATE, num_channels=1)
+        frame = InputAudioRawFrame(audio=pcm, sample_rate=TWILIO_SAMPLE_RATE, num_channels=1)
+        # when the message arrived, before pipecat's input queue: the service measures its latency from here
+        frame.metadata[RECEIVED_AT] = time.monotonic()
+        return frame
 
     def _report(self, event: str, message: dict[str, Any]) -> None:
         if self._on_event is None:

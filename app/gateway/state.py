@@ -48,6 +48,8 @@ class GatewayState:
             failover_timeout_s=self.settings.worker_failover_timeout_s,
             heartbeat_check_s=self.settings.worker_heartbeat_check_s,
             answer_timeout_s=self.settings.worker_answer_timeout_s,
+            frame_align=self.settings.frame_align,
+            on_latency=self.metrics.observe_latency,
         )
 
     def frames_dropped_of_live_calls(self) -> list[int]:

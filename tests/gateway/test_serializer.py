@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 
 from app.audio_codec import mulaw_decode, mulaw_encode
 from app.gateway import serializer as serializer_module
+from app.pipecat.latency import RECEIVED_AT
 from app.gateway.serializer import (
     BAD_LOG_INTERVAL_S,
     MAX_MEDIA_BYTES,
@@ -68,10 +70,13 @@ def media(ulaw: bytes) -> str:
 async def test_media_and_dtmf_become_frames_and_events_are_reported() -> None:
     serializer, events, bad = await make()
     payload = base64.b64encode(bytes([0xFF] * 160)).decode()
+    before = time.monotonic()
     frame = await serializer.deserialize(
         json.dumps({"event": "media", "media": {"payload": payload}, "streamSid": "MZ1"})
     )
     assert isinstance(frame, InputAudioRawFrame) and frame.sample_rate == 8000 and frame.num_frames == 160
+    # stamped on arrival, so the gateway's latency counts pipecat's input queue too
+    assert before <= frame.metadata[RECEIVED_AT] <= time.monotonic()
     dtmf = await serializer.deserialize(json.dumps({"event": "dtmf", "dtmf": {"digit": "7"}}))
     assert isinstance(dtmf, InputDTMFFrame) and dtmf.button.value == "7"
     assert await serializer.deserialize(json.dumps({"event": "mark", "mark": {"name": "m1"}})) is None

@@ -536,3 +536,34 @@ async def test_a_bursting_worker_is_resynced_by_the_pacer_and_counted_in_metrics
     metrics = (await http.get(f"{gateway.base}/metrics")).text
     resyncs = [line for line in metrics.splitlines() if line.startswith("gateway_playout_resyncs_total")]
     assert resyncs and float(resyncs[0].split()[-1]) >= 1, resyncs
+
+
+async def test_a_phone_calls_frames_are_aligned_to_the_workers_tick_and_its_latency_is_in_metrics(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient
+) -> None:
+    """Through the real Twilio path: a worker whose tick comes 60 ms after each caller frame
+    completes says so (Timing); the gateway moves its framing so frames wait little, and /metrics
+    has each answered frame's added latency by segment."""
+    worker = FakeWorker(tick_s=0.08, tick_phase_s=0.06)
+    with FakeWorkerThread(worker):
+        await store.register_worker(worker.worker_id, worker.url, max_slots=2)
+        gateway = gateway_factory()
+        call_sid = new_call_sid()
+        twiml = await ring(http, gateway, call_sid)
+        stream = await MediaStream.open(twiml.stream_url or "", call_sid=call_sid)
+        await stream.start(twiml.parameters)
+        speech = tone(4.0) * ((np.arange(32000) / 8000) % 0.6 < 0.4)  # bursts and pauses
+        await stream.play(speech.astype(np.int16))
+        await stream.stop()
+        await wait_for_end(store, call_sid)
+    [session] = worker.sessions
+    assert session.timings[0].wait_ms > 40
+    assert max(session.waits[-12:]) < 0.045, session.waits[-12:]  # 8-28 ms once aligned (+ jitter)
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    counts = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_added_latency_seconds_count")
+    }
+    assert set(counts) == {"gateway_in", "worker", "gateway_out", "total"}
+    assert counts["total"] >= 30 and len(set(counts.values())) == 1  # every played frame, in every segment

@@ -21,7 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.callstate import CallStore, EmbeddedRedis, WorkerInfo
 from app.config import WorkerSettings
-from app.protocol import BOT_FRAME_BYTES, SESSION_PATH, End, Start, decode_server, encode
+from app.protocol import BOT_FRAME_BYTES, SESSION_PATH, TIMING_FIRST_FRAMES, End, Start, decode_server, encode
 from app.protocol import Sampling as CallSampling
 from app.worker.runtime import Runtime
 from app.worker.server import WorkerServer, bound_socket, create_app, make_server
@@ -183,7 +183,12 @@ def test_a_call_gets_one_bot_frame_per_caller_frame_and_end_frees_the_slot(worke
                 else:
                     texts.append(parsed)
         assert (ended.reason, ended.frames_in, ended.frames_out) == ("caller_hangup", n, n)
-        assert all(t.type == "text" and 0 <= t.frame < n for t in texts)
+        assert {t.type for t in texts} <= {"text", "timing"}
+        assert all(0 <= t.frame < n for t in texts)
+        # The gateway aligns its framing from these: the least wait over the first frames, on the tick grid.
+        timings = [t for t in texts if t.type == "timing"]
+        assert [t.frames for t in timings] == [TIMING_FIRST_FRAMES]
+        assert timings[0].tick_ms > 0 and timings[0].wait_ms >= 0
         assert closed_code(ws) == 1000
     wait_for(lambda: worker.health()["slots"]["used"] == 0)
     metrics = httpx.get(f"{worker.http}/metrics", timeout=5).text
