@@ -30,7 +30,9 @@ class _LiveCollector(Collector):
         active.add_metric([], len(live))
         yield active
         dropped = CounterMetricFamily(
-            "gateway_frames_dropped", "Bot 80 ms frames dropped because the output queue was full"
+            "gateway_frames_dropped",
+            "Bot 80 ms frames never played: beyond the output queue, re-synced away by the pacer, or cut "
+            "whole to take out a standing delay",
         )
         dropped.add_metric([], self._metrics.frames_dropped_finished + sum(d for d in live))
         yield dropped
@@ -84,6 +86,12 @@ class GatewayMetrics:
         self.playout_resyncs = Counter(
             "gateway_playout_resyncs",
             "Times a call's output pacer dropped bot frames to get back to its playout target (ended calls)",
+            registry=self.registry,
+        )
+        self.playout_trimmed = Counter(
+            "gateway_playout_trimmed_seconds",
+            "Bot audio a call's output cut to take out a delay that stood (frames that all waited for "
+            "their due time; ended calls)",
             registry=self.registry,
         )
         self.playout_restarts = Counter(

@@ -322,6 +322,7 @@ class CallSession:
                 self.metrics.worker_change_failures.inc(stats.failed_moves)
             self.metrics.playout_resyncs.inc(stats.playout_resyncs)
             self.metrics.playout_restarts.inc(stats.playout_restarts)
+            self.metrics.playout_trimmed.inc(stats.playout_trimmed_ms / 1000)
 
         async def final_record() -> None:
             if reason == EndReason.TRANSFER:

@@ -164,3 +164,14 @@ def pcm16_mono(pcm: bytes, channels: int) -> np.ndarray:
     if channels == 1:
         return data
     return data.reshape(-1, channels).mean(axis=1)  # [n]
+
+
+QUIET_RMS = 328.0  # -40 dBFS in int16 scale: audio this quiet is a pause
+
+
+def is_quiet(samples: np.ndarray) -> bool:
+    """Whether int16-scale samples (any dtype) are a pause: RMS at most QUIET_RMS (not when empty)."""
+    if len(samples) == 0:
+        return False
+    x = samples.astype(np.float64)
+    return float(np.sqrt(np.mean(x * x))) <= QUIET_RMS

@@ -20,9 +20,8 @@ from collections import deque
 import numpy as np
 
 from app import protocol
-from app.pipecat.audio import FrameResampler, float_to_pcm16, pcm16_mono
+from app.pipecat.audio import FrameResampler, float_to_pcm16, is_quiet, pcm16_mono
 
-QUIET_RMS = 328.0  # -40 dBFS in int16 scale: a message this quiet is a pause
 QUIET_WAIT_S = 1.0  # a drop waits this much audio for a quiet message, then takes the next one
 
 
@@ -92,8 +91,7 @@ class CallerFrames:
     def _take_drop(self, chunk: np.ndarray) -> np.ndarray:
         """Drop pending samples from this chunk if it is quiet, or if the drop has waited long enough."""
         self._drop_waited += len(chunk)
-        quiet = len(chunk) > 0 and float(np.sqrt(np.mean(chunk * chunk))) <= QUIET_RMS
-        if not quiet and self._drop_waited < QUIET_WAIT_S * protocol.SAMPLE_RATE:
+        if not is_quiet(chunk) and self._drop_waited < QUIET_WAIT_S * protocol.SAMPLE_RATE:
             return chunk
         take = min(self._drop, len(chunk))
         self._drop -= take

@@ -34,6 +34,14 @@ Rules, with FRAME = 80 ms:
   so the latency the pacer adds stays at most (target_frames + 1) frames, plus the tolerance.
 - `capacity` bounds the queue on arrival (a burst): the oldest frame is dropped.
 A dropped frame never leaves a gap on the caller's timeline: the next frame takes its due time.
+- Lead: every `lead_window` frames handed out (the first `first_lead_frames` after the clock
+  starts or restarts, so a stall's delay is seen soon), `Paced.lead_s` says the least time one of
+  them waited here, from `put` to its hand-out. Frames that all waited that long are that much later
+  than they need to be: after a restart the schedule's phase is where the first late frame
+  happened to come, and a frame that stands behind the due one (within the playout target) is a
+  whole frame of delay that never goes. Nothing here can take it out without cutting audio (the
+  sink plays everything it is given, in real time): the consumer cuts that much from a frame
+  (app/pipecat/playout_trim.py) and says so with `advance`, which moves the schedule earlier.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ class Paced(Generic[T]):
     item: T
     dropped: int = 0  # older frames dropped just before it to get back to the playout target
     restarted: bool = False  # the clock restarted for it (it came more than the tolerance late)
+    lead_s: float | None = None  # every lead_window frames: the least time those frames waited here
 
 
 class OutputPacer(Generic[T]):
@@ -69,6 +78,8 @@ class OutputPacer(Generic[T]):
         target_frames: int = 1,
         frame_s: float = protocol.FRAME_SECONDS,
         tolerance_s: float | None = None,
+        lead_window: int = 12,
+        first_lead_frames: int = 4,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
@@ -77,19 +88,29 @@ class OutputPacer(Generic[T]):
         target_frames: frames that may wait behind the due one (capped at capacity - 1).
         frame_s: the frame period.
         tolerance_s: how late a frame may be pushed and the schedule kept (default half a frame).
+        lead_window: frames handed out per lead report (about a second of frames).
+        first_lead_frames: frames of the first lead report after the clock (re)starts.
         clock, sleep: the time source (tests pass a virtual one).
         """
-        if capacity < 1 or target_frames < 0:
-            raise ValueError(f"capacity must be >= 1 and target_frames >= 0, got {capacity}, {target_frames}")
+        if capacity < 1 or target_frames < 0 or lead_window < 1 or first_lead_frames < 1:
+            raise ValueError(
+                "capacity, lead_window and first_lead_frames must be >= 1 and target_frames >= 0, got "
+                f"{capacity}, {lead_window}, {first_lead_frames}, {target_frames}"
+            )
         self.capacity = capacity
         self.target_frames = min(target_frames, capacity - 1)
         self.frame_s = frame_s
         self.tolerance_s = frame_s / 2 if tolerance_s is None else tolerance_s
         self._clock = clock
         self._sleep = sleep
-        self._queue: deque[T] = deque()
+        self.lead_window = lead_window
+        self.first_lead_frames = first_lead_frames
+        self._queue: deque[tuple[T, float]] = deque()  # (frame, when it was put)
         self._ready = asyncio.Event()
         self._due: float | None = None  # when the next frame is due (None: the clock has not started)
+        self._lead_frames = 0  # frames handed out in the current lead window
+        self._lead_need = first_lead_frames  # frames of the current lead window
+        self._lead_s = float("inf")  # the least wait among them
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -100,9 +121,23 @@ class OutputPacer(Generic[T]):
         if len(self._queue) >= self.capacity:
             self._queue.popleft()
             dropped = 1
-        self._queue.append(item)
+        self._queue.append((item, self._clock()))
         self._ready.set()
         return dropped
+
+    def advance(self, seconds: float) -> None:
+        """The frame just handed out was `seconds` shorter than a frame (the consumer cut that much
+        of it): the next frames are due that much sooner. Starts a new lead window."""
+        if seconds < 0:
+            raise ValueError(f"advance takes seconds >= 0, got {seconds}")
+        if self._due is not None:
+            self._due -= seconds
+        self._reset_lead()
+
+    def _reset_lead(self, frames: int | None = None) -> None:
+        self._lead_frames = 0
+        self._lead_need = self.lead_window if frames is None else frames
+        self._lead_s = float("inf")
 
     async def next(self) -> Paced[T]:
         """Wait until a frame is due, and hand it out."""
@@ -121,10 +156,17 @@ class OutputPacer(Generic[T]):
         elif now - self._due > self.tolerance_s:
             self._due = now
             restarted = True
+            self._reset_lead(self.first_lead_frames)  # a new phase: say its lead soon
         dropped = 0
         while len(self._queue) > self.target_frames + 1:
             self._queue.popleft()
             dropped += 1
-        item = self._queue.popleft()
+        item, put_at = self._queue.popleft()
         self._due += self.frame_s
-        return Paced(item, dropped=dropped, restarted=restarted)
+        self._lead_s = min(self._lead_s, now - put_at)
+        self._lead_frames += 1
+        lead_s = None
+        if self._lead_frames >= self._lead_need:
+            lead_s = self._lead_s
+            self._reset_lead()
+        return Paced(item, dropped=dropped, restarted=restarted, lead_s=lead_s)

@@ -21,7 +21,9 @@ Put it between a transport's input and output, like any speech-to-speech service
   pacer is the one real-time clock of the bot's audio (app/pipecat/pacer.py says why it is here
   and what the Twilio and WebRTC output transports do instead). It holds a small playout target
   (`playout_target_frames`) and re-syncs to it, so a late frame's latency never stays; a burst
-  beyond `output_queue_frames` is dropped. Drops and re-syncs are counted in `SessionStats`.
+  beyond `output_queue_frames` is dropped; a delay that stands (frames that all wait for their due
+  time) is cut out of the audio, in a pause when it can (app/pipecat/playout_trim.py). Drops,
+  re-syncs and cuts are counted in `SessionStats`.
   The frame's tokens go to the call's `CallTape` (app/pipecat/tape.py).
 - The model's text is pushed downstream as `TTSTextFrame`s (word pieces, spaces included).
 - Full duplex: no VAD, no interruption frames, nothing cleared when the caller speaks.
@@ -91,6 +93,7 @@ from app.pipecat.audio import FrameResampler
 from app.pipecat.caller_frames import CallerFrames
 from app.pipecat.latency import RECEIVED_AT, FrameLatency, LatencyTrace
 from app.pipecat.pacer import OutputPacer
+from app.pipecat.playout_trim import PlayoutTrim
 from app.pipecat.router import WorkerRouter
 from app.pipecat.tape import CallTape
 from app.pipecat.tick_align import TickAligner
@@ -126,9 +129,10 @@ class SessionStats:
     frames_in: int = 0  # caller frames sent to a worker (not counting those sent again after a move)
     frames_received: int = 0  # bot frames received that the caller had not heard yet
     frames_out: int = 0  # bot frames pushed downstream
-    frames_dropped: int = 0  # bot frames never pushed: beyond the output queue, or re-synced away
+    frames_dropped: int = 0  # bot frames never pushed: beyond the output queue, re-synced away, or cut whole
     playout_resyncs: int = 0  # times the pacer dropped frames to get back to its playout target
     playout_restarts: int = 0  # times the pacer's clock restarted: a bot frame came too late to keep time
+    playout_trimmed_ms: float = 0.0  # bot audio cut to take a standing delay out (app/pipecat/playout_trim.py)
     input_frames_dropped: int = 0  # caller frames not sent: the send queue was full, or stale after a move
     align_shifts: int = 0  # times the caller's framing moved to the worker's tick (app/pipecat/tick_align.py)
     align_dropped_ms: float = 0.0  # caller audio dropped by those shifts
@@ -251,6 +255,7 @@ class PersonaPlexService(AIService):
         )
         self._caller = CallerFrames(send_queue_frames)
         self._aligner = TickAligner() if frame_align else None
+        self._trim = PlayoutTrim()
         self._latency = LatencyTrace()
         self._on_latency = on_latency
         self._send_wake = asyncio.Event()
@@ -320,9 +325,12 @@ class PersonaPlexService(AIService):
 
     async def _send_audio(self) -> None:
         """Caller frames to the serving worker in call-frame order: first those a new worker must
-        get again (from the tape), then new ones. Beyond max_in_flight unanswered frames it sends no
-        faster than real time (one per 80 ms), so a burst never overflows the worker's queue and a
-        worker that lost a frame is never starved."""
+        get again (from the tape), then new ones. Never more than max_in_flight unanswered: the
+        worker's queue holds that many, so it never drops one (frames are numbered by the order
+        they were sent: a frame dropped there would shift every later answer onto the wrong
+        frame). While the worker is behind (a stall) the frames wait here, in the bounded send
+        queue, and go as its answers come; a worker that answers nothing is moved off by the
+        answer timeout."""
         while True:
             session = self._session
             if session is None or session.paused or session.broken:
@@ -332,10 +340,8 @@ class PersonaPlexService(AIService):
                 await self._wait_send()
                 continue
             if self._window_full(session):
-                wait_s = session.last_send_at + protocol.FRAME_SECONDS - time.monotonic()
-                if wait_s > 0:
-                    await self._wait_send(wait_s)
-                    continue
+                await self._wait_send()  # an answer (or a new session) opens the window
+                continue
             resend = session.next_send < self.tape.sent
             arrived_at = None
             if resend:
@@ -688,9 +694,9 @@ class PersonaPlexService(AIService):
     def _take_timing(self, session: WorkerSession, timing: protocol.Timing) -> None:
         """Move the caller's framing toward the worker's tick (app/pipecat/tick_align.py), when the
         report is of the serving worker in a steady state (no backlog here or there)."""
+        # A standing frame queued at the worker (after a stall) shows as a wait of more than a
+        # tick, and is taken out like any other wait; frames still queued here are not a steady state.
         if self._aligner is None or session is not self._session or session.paused or self._caller:
-            return
-        if session.next_send - (session.base + session.answers) > 1:
             return
         shift = self._aligner.shift(wait_s=timing.wait_ms / 1000, step_s=self._caller.chunk_s, now=time.monotonic())
         if not shift:
@@ -737,7 +743,17 @@ class PersonaPlexService(AIService):
                 self.stats.playout_resyncs += 1
             if paced.restarted:
                 self.stats.playout_restarts += 1
+                self._trim.cancel()
             audio, frame_generation, index = paced.item
+            if paced.lead_s is not None:
+                self._trim.offer(paced.lead_s, time.monotonic())
+            audio, cut_s = self._trim.cut(audio, self._out_rate, time.monotonic())
+            if cut_s:
+                self._pacer.advance(cut_s)
+                self.stats.playout_trimmed_ms += cut_s * 1000
+                if not audio:
+                    self.stats.frames_dropped += 1
+                    continue  # the whole frame went: the next one is due now
             await self.push_frame(SpeechOutputAudioRawFrame(audio=audio, sample_rate=self._out_rate, num_channels=1))
             pushed = time.monotonic()
             self.stats.frames_out += 1

@@ -7,9 +7,10 @@ Joins (copying a persona's cached prompt state into a slot), leaves and aborts h
 in this thread. Ticks follow a monotonic grid: an overrun is logged and counted, the next tick runs
 at once, and missed grid points are skipped. A call's frames queued during a stall are not left
 queued for the rest of the call (each tick takes one frame per slot, so they would be: the caller
-would hear that much more delay from then on): while any running slot still has CATCH_UP_BACKLOG
-frames queued after a tick, the next tick runs at once, off the grid (counted as a catch-up), so
-its queue is back to at most one frame within a few ticks; then the grid resumes.
+would hear that much more delay from then on): while a running slot is behind after a tick (two
+frames queued, or one behind a frame that had waited more than a whole tick: `Scheduler.behind`),
+the next tick runs at once, off the grid (counted as a catch-up), so its queue is back to the one
+frame that arrives for each grid point within a few ticks; then the grid resumes.
 
 Each caller frame's wait in its queue (arrival to the start of its tick) is reported to the gateway
 as `protocol.Timing` (the least over ~1 s of frames), so it can align its framing to the grid.
@@ -63,7 +64,6 @@ from app.worker.tick import ModelTick
 logger = logging.getLogger(__name__)
 
 _OVERRUN_LOG_EVERY_S = 5.0
-CATCH_UP_BACKLOG = 2  # caller frames queued in one slot right after a tick: it has fallen behind
 _TICK_HISTORY = 512
 _DECODER_WARM_FRAMES = 12  # agent frames a resumed call replays into its slot's Mimi decoder (~1 s)
 
@@ -278,7 +278,7 @@ class Engine:
                             self._overrun(behind)
                     else:
                         self._count_catch_up()
-                    catch_up = self.scheduler.backlog() >= CATCH_UP_BACKLOG
+                    catch_up = self.scheduler.behind(period)
                 except Exception:  # a bug here must not kill every call silently: log, keep serving
                     logger.exception("engine loop error; continuing")
                     time.sleep(period)

@@ -21,6 +21,8 @@ are masked off and keep their state. Each call queues at most `max_queue_frames`
 frame beyond that pushes out the oldest one, which is counted as dropped. Each queued frame keeps
 the time it arrived (`clock`, time.monotonic by default); `plan_tick` sets `Call.wait_s`, how long
 the frame it hands the engine waited for its tick (the worker reports it: `protocol.Timing`).
+`behind` tells the engine, after a tick, that a running call has fallen behind its tick grid (it
+then runs the next tick at once instead of waiting for the grid).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from app.worker.call import Call, SlotPhase
 
 _RUNS = (SlotPhase.ACTIVE, SlotPhase.DRAINING)
+CATCH_UP_BACKLOG = 2  # caller frames queued in one slot right after a tick: it has fallen behind
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Scheduler:
         self._aborts: list[Call] = []
         self._frames_in = 0
         self._frames_run = 0
+        self._planned: list[Call] = []  # the calls of the last plan_tick
         self._frames_dropped = 0
 
     # ------------------------------------------------------------------ requests (any thread)
@@ -175,7 +179,22 @@ class Scheduler:
                     plan.append((call, frame))
                     call.frames_run += 1
             self._frames_run += len(plan)
+            self._planned = [call for call, _ in plan]
         return plan
+
+    def behind(self, period_s: float) -> bool:
+        """Whether a running call has fallen behind the tick grid of period `period_s`, checked
+        right after a tick: CATCH_UP_BACKLOG or more of its frames are queued, or one is queued
+        behind the frame it ran in the last tick and that frame had waited more than a whole
+        period. That is a frame standing in the queue since a stall: on the grid alone every later
+        frame would wait a tick longer than it needs (a frame that came a little late for a tick
+        waits less than a period, and is left for the grid)."""
+        with self._lock:
+            running = [c for c in self._slots if c is not None and c.phase in _RUNS and c.queue]
+            if any(len(c.queue) >= CATCH_UP_BACKLOG for c in running):
+                return True
+            planned = {id(c) for c in self._planned}
+            return any(id(c) in planned and c.wait_s > period_s for c in running)
 
     # ------------------------------------------------------------------------------ inspection
     def holds(self, call: Call) -> bool:

@@ -522,7 +522,7 @@ async def test_a_bursting_worker_is_resynced_by_the_pacer_and_counted_in_metrics
 ) -> None:
     """A worker that holds its answers and sends them in bursts: the caller's delay stays bounded
     (the pacer drops back to its playout target) and /metrics says how often that happened."""
-    with FakeWorkerThread(FakeWorker(worker_id="fake-burst", hold_frames=5)) as bursting:
+    with FakeWorkerThread(FakeWorker(worker_id="fake-burst", hold_frames=3)) as bursting:
         await store.register_worker(bursting.worker_id, bursting.url, max_slots=1)
         gateway = gateway_factory()
         call_sid = new_call_sid()

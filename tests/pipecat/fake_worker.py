@@ -58,6 +58,7 @@ class FakeSession:
     ended_sent: bool = False  # our Ended went out before the gateway closed the connection
     waits: list[float] = field(default_factory=list)  # tick_s only: each frame's wait for its tick (s)
     timings: list[protocol.Timing] = field(default_factory=list)  # tick_s only: the reports sent
+    max_queued: int = 0  # tick_s only: most caller frames waiting for a tick at once
 
 
 @dataclass
@@ -216,6 +217,7 @@ class FakeWorker:
                     continue
                 now = asyncio.get_running_loop().time()
                 queue.put_nowait((message, now))
+                session.max_queued = max(session.max_queued, queue.qsize())
                 if ticker is None:
                     ticker = asyncio.create_task(tick(self.tick_s, now + self.tick_phase_s))
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -47,8 +48,15 @@ class VirtualClock:
         self.now = until
 
 
-async def play(arrivals: list[float], *, capacity: int = 4, target: int = 1) -> tuple[list[tuple[float, Paced]], int]:
-    """Frame i arrives at arrivals[i]; returns (push time, Paced) per frame handed out, and drops on arrival."""
+async def play(
+    arrivals: list[float],
+    *,
+    capacity: int = 4,
+    target: int = 1,
+    cut: Callable[[Paced], float] | None = None,
+) -> tuple[list[tuple[float, Paced]], int]:
+    """Frame i arrives at arrivals[i]; returns (push time, Paced) per frame handed out, and drops on
+    arrival. `cut`: seconds the consumer cuts from each frame it is handed (told to the pacer)."""
     clock = VirtualClock()
     pacer: OutputPacer[int] = OutputPacer(
         capacity=capacity, target_frames=target, frame_s=FRAME, clock=clock.time, sleep=clock.sleep
@@ -67,6 +75,8 @@ async def play(arrivals: list[float], *, capacity: int = 4, target: int = 1) -> 
         while True:
             paced = await pacer.next()
             pushed.append((clock.now, paced))
+            if cut is not None and (seconds := cut(paced)):
+                pacer.advance(seconds)
 
     tasks = [asyncio.create_task(feed()), asyncio.create_task(consume())]
     await clock.run(until=max(arrivals) + 1.0)
@@ -151,3 +161,37 @@ def test_the_playout_target_fits_in_the_capacity() -> None:
     assert OutputPacer(capacity=1, target_frames=1).target_frames == 0
     with pytest.raises(ValueError):
         OutputPacer(capacity=0)
+
+
+@pytest.mark.asyncio
+async def test_the_least_wait_of_each_window_of_frames_is_reported() -> None:
+    """Two frames come together, then one per frame: one frame always stands behind the playing
+    one, a whole frame of delay the playout target allows but nobody needs."""
+    arrivals = [0.1, 0.1] + [0.1 + k * FRAME + 0.003 * (k % 3) for k in range(1, 60)]
+    pushed, _ = await play(arrivals)
+    leads = [(i, p.lead_s) for i, (_, p) in enumerate(pushed) if p.lead_s is not None]
+    assert [i for i, _ in leads] == [3, 15, 27, 39, 51]  # the first 4 frames, then every 12
+    for _, lead in leads[1:]:
+        assert lead == pytest.approx(FRAME - 0.006, abs=1e-6)  # the latest of them still waited that long
+
+
+@pytest.mark.asyncio
+async def test_a_consumer_that_cuts_the_lead_takes_a_standing_frame_out_and_keeps_time() -> None:
+    arrivals = [0.1, 0.1] + [0.1 + k * FRAME + 0.003 * (k % 3) for k in range(1, 80)]
+    margin = 0.01
+
+    def cut(paced: Paced) -> float:  # as PlayoutTrim does, in one go
+        return max(0.0, paced.lead_s - margin) if paced.lead_s is not None else 0.0
+
+    pushed, dropped = await play(arrivals, cut=cut)
+    assert dropped == 0 and not any(p.dropped or p.restarted for _, p in pushed)
+    late = latencies(pushed, arrivals)
+    assert min(late[2:12]) > FRAME - 0.01  # before the first report: a frame behind
+    assert max(late[-30:]) <= margin + 0.006 + 1e-6  # after: the margin and the jitter, no more
+    leads = [p.lead_s for _, p in pushed[-30:] if p.lead_s is not None]
+    assert leads and all(lead >= margin - 1e-6 for lead in leads)  # the margin stays: never late
+
+
+def test_advance_refuses_negative_seconds() -> None:
+    with pytest.raises(ValueError):
+        OutputPacer(capacity=4).advance(-0.01)

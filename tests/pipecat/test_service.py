@@ -95,7 +95,7 @@ async def test_other_input_rates_are_converted_to_whole_model_frames(fake_worker
 @pytest.mark.asyncio
 async def test_a_burst_beyond_the_output_queue_is_dropped_and_counted(fake_worker: FakeWorker) -> None:
     fake_worker.hold_frames = 10  # the worker stalls for 10 frames, then sends them all at once
-    service = service_for(fake_worker, output_queue_frames=2)
+    service = service_for(fake_worker, output_queue_frames=2, max_in_flight_frames=10)
     frames = [SleepFrame(0.3), *caller_audio(0.8), SleepFrame(0.5)]
     started = time.monotonic()
     down, _ = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
@@ -323,3 +323,42 @@ async def test_framing_stays_put_when_alignment_is_off(fake_worker: FakeWorker) 
     [session] = fake_worker.sessions
     assert service.stats.align_shifts == 0
     assert np.median(session.waits[-8:]) > 0.05
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_workers_frames_wait_at_the_gateway_and_none_is_lost(fake_worker: FakeWorker) -> None:
+    """A worker's queue holds max_in_flight frames (a real one drops beyond it, and every later
+    answer would then be matched to the wrong caller frame). While it stalls, the caller's frames
+    wait here; afterwards they go as its answers come, the worker catches up, and every caller
+    frame is answered once, in order."""
+    fake_worker.tick_s, fake_worker.tick_phase_s = 0.08, 0.01
+    fake_worker.stall_after, fake_worker.stall_s = 10, 0.35
+    service = service_for(fake_worker, max_in_flight_frames=3)
+    frames = [SleepFrame(0.3), *realtime_caller_audio(3.2), SleepFrame(0.6)]
+    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+
+    [session] = fake_worker.sessions
+    assert session.max_queued <= 3  # never more than the window at the worker
+    stats = service.stats
+    assert stats.frames_in == len(session.frames) == stats.frames_received
+    assert stats.frames_in >= 36 and stats.input_frames_dropped == 0  # 3.2 s: 40 frames, less alignment drops
+    assert stats.frames_out + stats.frames_dropped == stats.frames_received
+
+
+@pytest.mark.asyncio
+async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(fake_worker: FakeWorker) -> None:
+    """After the worker's burst the pacer keeps one frame behind the playing one (its playout
+    target): 80 ms more than the caller needs, for the rest of the call. From the pacer's lead
+    reports the service cuts it out, in the bot's pauses, and the frames then wait only the margin."""
+    fake_worker.stall_after, fake_worker.stall_s = 6, 0.4
+    latencies = []
+    service = service_for(fake_worker, frame_align=False, on_latency=latencies.append)
+    frames = [SleepFrame(0.3), *realtime_caller_audio(5.0), SleepFrame(0.4)]
+    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+
+    stats = service.stats
+    assert stats.playout_restarts >= 1
+    assert stats.playout_trimmed_ms >= 40
+    out = [f.gateway_out for f in latencies]
+    assert len(out) > 40
+    assert np.median(out[-12:]) < 0.045, out[-12:]  # the margin (10 ms) and this loop's jitter

@@ -241,3 +241,36 @@ def test_a_planned_frame_says_how_long_it_waited_in_its_queue() -> None:
     now[0] += 0.010
     assert sched.plan_tick() == [(a, frame(3))]
     assert a.wait_s == pytest.approx(0.060)  # the second frame's own stamp, not the first's
+
+
+def test_a_call_is_behind_with_two_frames_queued_or_one_standing_behind_a_frame_that_waited_a_tick() -> None:
+    """What the engine reads after each tick to decide whether to catch up off the grid (0.08 s
+    grid). A frame that came a little late for a tick is left for the next grid point; a frame
+    queued behind one that had waited more than a whole tick is a standing delay, caught up."""
+    now = [0.0]
+    sched = Scheduler(max_slots=2, max_queue_frames=8, clock=lambda: now[0])
+    a = joined(sched, "a")
+    period = 0.08
+    assert not sched.behind(period)
+
+    sched.push_frame(a, frame(0))  # on time: 10 ms before the tick
+    now[0] += 0.010
+    sched.plan_tick()
+    now[0] += 0.030  # the tick runs; a frame comes during it (late for this tick)
+    sched.push_frame(a, frame(1))
+    assert not sched.behind(period)  # the grid takes it: it waits less than a period
+
+    now[0] += 0.045  # the next grid point: frame 1 waited 45 + ~5 ms; frame 2 arrived before it
+    sched.push_frame(a, frame(2))
+    sched.push_frame(a, frame(3))
+    sched.plan_tick()
+    assert sched.backlog() == 2 and sched.behind(period)  # two queued: behind
+
+    sched.plan_tick()  # frame 2 (it waited ~0); frame 3, which came with it, stays queued
+    assert sched.backlog() == 1 and not sched.behind(period)
+    now[0] += 0.081
+    sched.push_frame(a, frame(4))  # the next frame comes before the grid point
+    sched.plan_tick()  # frame 3 waited more than a period, and frame 4 stands behind it
+    assert sched.backlog() == 1 and sched.behind(period)
+    sched.plan_tick()  # the catch-up tick: nothing queued
+    assert not sched.behind(period)

@@ -1,0 +1,81 @@
+"""PlayoutTrim: how much of each bot frame is cut to take a standing delay out, and when."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.pipecat.playout_trim import PlayoutTrim
+
+RATE = 8000
+FRAME_SAMPLES = 640  # 80 ms at 8 kHz
+STEP_SAMPLES = 160  # 20 ms
+
+
+def frame(level: float) -> bytes:
+    """80 ms of a 500 Hz tone at `level` of full scale (0: silence), PCM16."""
+    t = np.arange(FRAME_SAMPLES) / RATE
+    return (level * 32767 * np.sin(2 * np.pi * 500 * t)).astype("<i2").tobytes()
+
+
+QUIET = frame(0.0)
+LOUD = frame(0.3)
+
+
+def test_a_lead_within_the_margin_and_one_step_cuts_nothing() -> None:
+    trim = PlayoutTrim()
+    trim.offer(0.029, now=0.0)
+    assert trim.pending_s == 0
+    assert trim.cut(QUIET, RATE, now=0.0) == (QUIET, 0.0)
+
+
+def test_a_lead_is_cut_in_whole_steps_keeping_the_margin_from_the_start_of_a_quiet_frame() -> None:
+    trim = PlayoutTrim()
+    trim.offer(0.075, now=0.0)  # (75 - 10) ms -> three 20 ms steps
+    assert trim.pending_s == pytest.approx(0.06)
+    audio = (np.arange(FRAME_SAMPLES) % 50).astype("<i2").tobytes()  # quiet; a ramp, so which part was kept shows
+    kept, cut_s = trim.cut(audio, RATE, now=0.1)
+    assert cut_s == pytest.approx(0.06)
+    assert kept == audio[3 * STEP_SAMPLES * 2 :]  # the start went, the rest untouched
+    assert trim.pending_s == 0 and trim.trimmed_s == pytest.approx(0.06) and trim.trims == 1
+    assert trim.cut(QUIET, RATE, now=0.2) == (QUIET, 0.0)  # done: later frames play whole
+
+
+def test_a_cut_waits_for_a_pause_then_takes_speech_after_the_quiet_wait() -> None:
+    trim = PlayoutTrim(quiet_wait_s=1.0)
+    trim.offer(0.05, now=10.0)
+    assert trim.cut(LOUD, RATE, now=10.5) == (LOUD, 0.0)  # the bot is talking: wait
+    kept, cut_s = trim.cut(QUIET, RATE, now=10.6)  # a pause comes
+    assert cut_s == pytest.approx(0.04) and len(kept) == (FRAME_SAMPLES - 2 * STEP_SAMPLES) * 2
+
+    trim.offer(0.05, now=20.0)
+    assert trim.cut(LOUD, RATE, now=20.9) == (LOUD, 0.0)
+    kept, cut_s = trim.cut(LOUD, RATE, now=21.0)  # no pause within a second: cut anyway
+    assert cut_s == pytest.approx(0.04) and kept == LOUD[2 * STEP_SAMPLES * 2 :]
+
+
+def test_a_standing_frame_goes_whole_and_a_longer_lead_is_cut_over_several_frames() -> None:
+    trim = PlayoutTrim()
+    trim.offer(0.2, now=0.0)  # (200 - 10) ms -> 180 ms: two whole frames and one step
+    cuts = [trim.cut(QUIET, RATE, now=0.0) for _ in range(4)]
+    assert [len(kept) for kept, _ in cuts] == [0, 0, (FRAME_SAMPLES - STEP_SAMPLES) * 2, FRAME_SAMPLES * 2]
+    assert [cut for _, cut in cuts] == pytest.approx([0.08, 0.08, 0.02, 0.0])
+    assert trim.trimmed_s == pytest.approx(0.18)
+
+
+def test_a_report_during_a_cut_is_ignored_and_a_restart_cancels_the_cut() -> None:
+    trim = PlayoutTrim()
+    trim.offer(0.05, now=0.0)
+    trim.offer(0.3, now=0.0)  # about frames before the cut took effect
+    assert trim.pending_s == pytest.approx(0.04)
+    trim.cancel()  # the pacer restarted: a new phase
+    assert trim.pending_s == 0
+    assert trim.cut(QUIET, RATE, now=5.0) == (QUIET, 0.0)
+    assert trim.trims == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        PlayoutTrim(step_s=0)
+    with pytest.raises(ValueError):
+        PlayoutTrim(margin_s=-0.01)
