@@ -34,9 +34,9 @@ Rules, with FRAME = 80 ms:
   so the latency the pacer adds stays at most (target_frames + 1) frames, plus the tolerance.
 - `capacity` bounds the queue on arrival (a burst): the oldest frame is dropped.
 A dropped frame never leaves a gap on the caller's timeline: the next frame takes its due time.
-- Lead: every `lead_window` frames handed out (the first `first_lead_frames` after the clock
-  starts or restarts, so a stall's delay is seen soon), `Paced.lead_s` says the least time one of
-  them waited here, from `put` to its hand-out. Frames that all waited that long are that much later
+- Lead: every `lead_window` frames handed out (the first `first_lead_frames` after the frame the
+  clock started or restarted with, so a stall's delay is seen soon), `Paced.lead_s` says the least
+  time one of them waited here, from `put` to its hand-out. Frames that all waited that long are that much later
   than they need to be: after a restart the schedule's phase is where the first late frame
   happened to come, and a frame that stands behind the due one (within the playout target) is a
   whole frame of delay that never goes. Nothing here can take it out without cutting audio (the
@@ -151,18 +151,22 @@ class OutputPacer(Generic[T]):
             await self._sleep(wait_s)
         now = self._clock()
         restarted = False
-        if self._due is None:
+        started = self._due is None
+        if started:
             self._due = now
         elif now - self._due > self.tolerance_s:
             self._due = now
             restarted = True
-            self._reset_lead(self.first_lead_frames)  # a new phase: say its lead soon
         dropped = 0
         while len(self._queue) > self.target_frames + 1:
             self._queue.popleft()
             dropped += 1
         item, put_at = self._queue.popleft()
         self._due += self.frame_s
+        if started or restarted:
+            # A new phase, set by this frame (it goes at once): the lead is that of the frames after it.
+            self._reset_lead(self.first_lead_frames)
+            return Paced(item, dropped=dropped, restarted=restarted)
         self._lead_s = min(self._lead_s, now - put_at)
         self._lead_frames += 1
         lead_s = None

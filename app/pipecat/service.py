@@ -744,9 +744,14 @@ class PersonaPlexService(AIService):
             if paced.restarted:
                 self.stats.playout_restarts += 1
                 self._trim.cancel()
+                logger.debug("call %s: playout clock restarted (a bot frame came late)", self.call_id)
             audio, frame_generation, index = paced.item
             if paced.lead_s is not None:
                 self._trim.offer(paced.lead_s, time.monotonic())
+                logger.debug(
+                    "call %s: bot frames waited at least %.1f ms for playout: %.0f ms to cut",
+                    self.call_id, paced.lead_s * 1000, self._trim.pending_s * 1000,
+                )
             audio, cut_s = self._trim.cut(audio, self._out_rate, time.monotonic())
             if cut_s:
                 self._pacer.advance(cut_s)
