@@ -72,6 +72,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_json_out(path: Path | None, objects: list[dict[str, Any]]) -> None:
+    """--json-out: all result objects as one JSON list (nothing without a path)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(objects, indent=1), encoding="utf-8")
+
+
+def keep_logs(tmp: Path, keep_dir: Path | None) -> None:
+    """--keep-dir: copy the run's directory (process logs) there, without Redis' data files."""
+    if keep_dir is not None:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tmp, keep_dir / tmp.name, ignore=shutil.ignore_patterns("*.rdb", "*.aof", "*.sock"))
+        log(f"logs kept in {keep_dir / tmp.name}")
+
+
 def tail(path: Path, lines: int = 30) -> str:
     if not path.exists():
         return "(no log)"
@@ -597,14 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway_idle_cpu_share": idle, "commit": stack.commit,
             }
             print(json.dumps(summary), flush=True)
-            if args.json_out is not None:
-                args.json_out.parent.mkdir(parents=True, exist_ok=True)
-                args.json_out.write_text(json.dumps([*results, summary], indent=1), encoding="utf-8")
+            write_json_out(args.json_out, [*results, summary])
     finally:
-        if args.keep_dir is not None:
-            args.keep_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(tmp, args.keep_dir / tmp.name, ignore=shutil.ignore_patterns("*.rdb", "*.aof", "*.sock"))
-            log(f"logs kept in {args.keep_dir / tmp.name}")
+        keep_logs(tmp, args.keep_dir)
         shutil.rmtree(tmp, onerror=_rmtree_error)
     return 0
 

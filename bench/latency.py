@@ -49,10 +49,12 @@ from gateway_load import (  # noqa: E402 (bench/ on the path first: this file ru
     child_env,
     commit_of,
     free_port,
+    keep_logs,
     log,
     start_proc,
     tail,
     wait_http,
+    write_json_out,
 )
 
 import httpx  # noqa: E402
@@ -303,14 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             summary = summary_of(results)
             print(json.dumps(summary), flush=True)
-            if args.json_out is not None:
-                args.json_out.parent.mkdir(parents=True, exist_ok=True)
-                args.json_out.write_text(json.dumps([*results, summary], indent=1), encoding="utf-8")
+            write_json_out(args.json_out, [*results, summary])
     finally:
-        if args.keep_dir is not None:
-            args.keep_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(tmp, args.keep_dir / tmp.name, ignore=shutil.ignore_patterns("*.rdb", "*.aof", "*.sock"))
-            log(f"logs kept in {args.keep_dir / tmp.name}")
+        keep_logs(tmp, args.keep_dir)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
