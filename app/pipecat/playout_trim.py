@@ -27,7 +27,7 @@ import numpy as np
 
 from app.pipecat.audio import is_quiet
 
-DEFAULT_MARGIN_S = 0.010
+DEFAULT_MARGIN_S = 0.020  # the caller hears a gap when jitter beyond it comes: 20 ms of delay is cheaper
 DEFAULT_STEP_S = 0.020
 DEFAULT_QUIET_WAIT_S = 0.5
 

@@ -23,14 +23,14 @@ LOUD = frame(0.3)
 
 
 def test_a_lead_within_the_margin_and_one_step_cuts_nothing() -> None:
-    trim = PlayoutTrim()
+    trim = PlayoutTrim(margin_s=0.01)
     trim.offer(0.029, now=0.0)
     assert trim.pending_s == 0
     assert trim.cut(QUIET, RATE, now=0.0) == (QUIET, 0.0)
 
 
 def test_a_lead_is_cut_in_whole_steps_keeping_the_margin_from_the_start_of_a_quiet_frame() -> None:
-    trim = PlayoutTrim()
+    trim = PlayoutTrim(margin_s=0.01)
     trim.offer(0.075, now=0.0)  # (75 - 10) ms -> three 20 ms steps
     assert trim.pending_s == pytest.approx(0.06)
     audio = (np.arange(FRAME_SAMPLES) % 50).astype("<i2").tobytes()  # quiet; a ramp, so which part was kept shows
@@ -42,7 +42,7 @@ def test_a_lead_is_cut_in_whole_steps_keeping_the_margin_from_the_start_of_a_qui
 
 
 def test_a_cut_waits_for_a_pause_then_takes_speech_after_the_quiet_wait() -> None:
-    trim = PlayoutTrim(quiet_wait_s=1.0)
+    trim = PlayoutTrim(margin_s=0.01, quiet_wait_s=1.0)
     trim.offer(0.05, now=10.0)
     assert trim.cut(LOUD, RATE, now=10.5) == (LOUD, 0.0)  # the bot is talking: wait
     kept, cut_s = trim.cut(QUIET, RATE, now=10.6)  # a pause comes
@@ -55,7 +55,7 @@ def test_a_cut_waits_for_a_pause_then_takes_speech_after_the_quiet_wait() -> Non
 
 
 def test_a_standing_frame_goes_whole_and_a_longer_lead_is_cut_over_several_frames() -> None:
-    trim = PlayoutTrim()
+    trim = PlayoutTrim(margin_s=0.01)
     trim.offer(0.2, now=0.0)  # (200 - 10) ms -> 180 ms: two whole frames and one step
     cuts = [trim.cut(QUIET, RATE, now=0.0) for _ in range(4)]
     assert [len(kept) for kept, _ in cuts] == [0, 0, (FRAME_SAMPLES - STEP_SAMPLES) * 2, FRAME_SAMPLES * 2]
@@ -64,7 +64,7 @@ def test_a_standing_frame_goes_whole_and_a_longer_lead_is_cut_over_several_frame
 
 
 def test_a_report_during_a_cut_is_ignored_and_a_restart_cancels_the_cut() -> None:
-    trim = PlayoutTrim()
+    trim = PlayoutTrim(margin_s=0.01)
     trim.offer(0.05, now=0.0)
     trim.offer(0.3, now=0.0)  # about frames before the cut took effect
     assert trim.pending_s == pytest.approx(0.04)

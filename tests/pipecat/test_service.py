@@ -349,7 +349,7 @@ async def test_a_stalled_workers_frames_wait_at_the_gateway_and_none_is_lost(fak
 async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(fake_worker: FakeWorker) -> None:
     """After the worker's burst the pacer keeps one frame behind the playing one (its playout
     target): 80 ms more than the caller needs, for the rest of the call. From the pacer's lead
-    reports the service cuts it out, in the bot's pauses, and the frames then wait only the margin."""
+    reports the service cuts it out, in the bot's pauses, and the frames then wait only the margin (and less than a step more)."""
     fake_worker.stall_after, fake_worker.stall_s = 6, 0.4
     latencies = []
     service = service_for(fake_worker, frame_align=False, on_latency=latencies.append)
@@ -361,4 +361,4 @@ async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(fak
     assert stats.playout_trimmed_ms >= 40
     out = [f.gateway_out for f in latencies]
     assert len(out) > 40
-    assert np.median(out[-12:]) < 0.045, out[-12:]  # the margin (10 ms) and this loop's jitter
+    assert np.median(out[-12:]) < 0.06, out[-12:]  # the margin (20 ms), a step, this loop's jitter: not a frame
