@@ -38,14 +38,19 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+async def counter(http: httpx.AsyncClient, url: str, name: str) -> float:
+    """The total of counter `name` (every label) on the /metrics of the process at `url`."""
+    text = (await http.get(f"{url}/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    raise AssertionError(f"{name} is missing from {url}/metrics")
+
+
 async def bad_messages(gateway_url: str) -> float:
     """The gateway's count of malformed/unknown Twilio messages, from its /metrics."""
     async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{gateway_url}/metrics")).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "gateway_twilio_bad_messages":
-            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    raise AssertionError("gateway_twilio_bad_messages is missing from /metrics")
+        return await counter(http, gateway_url, "gateway_twilio_bad_messages")
 
 
 @dataclass
