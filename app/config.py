@@ -138,6 +138,10 @@ class GatewaySettings(RedisSettings):
         default=2.0, gt=0, description="a worker that answers none of a call's frames this long is lost: "
         "the call moves (checked with the heartbeat)",
     )
+    twilio_media_chunk_ms: Literal[10, 20, 40, 80] = Field(
+        default=20, description="bot audio per outbound Twilio media message (Twilio sends 20 ms; larger "
+        "messages cost the gateway less CPU, but a standing delay is then cut in steps this long)",
+    )
     frame_align: bool = Field(
         default=True, description="cut the caller's 80 ms frames to complete just before the worker's tick "
         "(from the worker's Timing reports)",

@@ -5,8 +5,13 @@
       -> TranscriptRecorder           the bot's text -> call events (and the page, for WebRTC)
       -> transport.output()           bot audio back to the caller
 
-Twilio: FastAPIWebsocketTransport(GuardedTwilioSerializer), μ-law 8 kHz <-> PCM16 8 kHz, 20 ms
-media messages. WebRTC: SmallWebRTCTransport (aiortc), Opus <-> PCM16 24 kHz, 20 ms writes.
+Twilio: FastAPIWebsocketTransport(GuardedTwilioSerializer), μ-law 8 kHz <-> PCM16 8 kHz, media
+messages of 20 ms in and `chunk_s` (GatewaySettings.twilio_media_chunk_ms) out. WebRTC:
+SmallWebRTCTransport (aiortc), Opus <-> PCM16 24 kHz, 20 ms writes (WEBRTC_CHUNK_S).
+
+The output transports send whole chunks only: a partial one waits for the next frame's audio. So
+the service's playout trim cuts whole chunks (PersonaPlexService's `output_chunk_s`, the same
+value), or a cut would leave a chunk's remainder standing in the transport.
 
 Each pipeline runs at its transport's own rate both ways, so pipecat's stream resamplers (which
 hold up to ~140 ms) pass audio through untouched; the service converts with its low-latency
@@ -35,7 +40,7 @@ from app.pipecat.service import PersonaPlexService
 
 TELEPHONE_RATE = 8000
 WEBRTC_RATE = protocol.SAMPLE_RATE  # 24 kHz both ways: the model's own rate
-_CHUNKS_20MS = 2  # audio_out_10ms_chunks: the output transports write 20 ms at a time
+WEBRTC_CHUNK_S = 0.020  # aiortc takes 10 ms at a time; 20 ms writes keep its queue short
 
 
 class TranscriptRecorder(FrameProcessor):
@@ -81,8 +86,10 @@ def build_twilio_pipeline(
     serializer: FrameSerializer,
     service: PersonaPlexService,
     on_text: Callable[[str], None],
+    chunk_s: float = 0.020,
 ) -> tuple[PipelineWorker, FastAPIWebsocketTransport]:
-    """The transport and the pipeline worker for one call on an accepted Twilio WebSocket."""
+    """The transport and the pipeline worker for one call on an accepted Twilio WebSocket; the bot's
+    audio goes out in media messages of `chunk_s` (a multiple of 10 ms)."""
     transport = FastAPIWebsocketTransport(
         websocket,
         FastAPIWebsocketParams(
@@ -91,7 +98,7 @@ def build_twilio_pipeline(
             audio_out_enabled=True,
             audio_in_sample_rate=TELEPHONE_RATE,
             audio_out_sample_rate=TELEPHONE_RATE,
-            audio_out_10ms_chunks=_CHUNKS_20MS,  # 20 ms media messages, as Twilio sends them
+            audio_out_10ms_chunks=_tens_of_ms(chunk_s),
             audio_out_end_silence_secs=0,
             add_wav_header=False,
             allowed_origins=[],  # Twilio sends no Origin; the signature authenticates it
@@ -120,10 +127,17 @@ def build_webrtc_pipeline(
             audio_out_sample_rate=WEBRTC_RATE,
             audio_in_channels=1,
             audio_out_channels=1,
-            audio_out_10ms_chunks=_CHUNKS_20MS,
+            audio_out_10ms_chunks=_tens_of_ms(WEBRTC_CHUNK_S),
             audio_out_end_silence_secs=0,
         ),
         input_name=f"webrtc-in-{call_id}",
         output_name=f"webrtc-out-{call_id}",
     )
     return call_worker(transport, service, on_text, call_id=call_id, sample_rate=WEBRTC_RATE), transport
+
+
+def _tens_of_ms(chunk_s: float) -> int:
+    tens = round(chunk_s * 100)
+    if tens < 1 or abs(tens - chunk_s * 100) > 1e-6:
+        raise ValueError(f"an output chunk is a whole number of 10 ms, got {chunk_s} s")
+    return tens

@@ -74,6 +74,7 @@ class Channel(Protocol):
     """What a kind of call connection provides to the lifecycle (one instance per call)."""
 
     name: str  # "twilio" | "webrtc", for logs
+    output_chunk_s: float  # the output transport's chunk: the service's playout trim cuts whole ones
 
     def build(self, call: CallSession, service: PersonaPlexService) -> PipelineWorker:
         """The call's transport and pipeline around `service`, its events wired to `call`."""
@@ -114,7 +115,7 @@ async def open_call(
         return None
     call = CallSession(state=state, channel=channel, call_id=call_id, persona=persona, started_at=started_at)
     try:
-        service = state.new_service(call_id, persona, reservation)
+        service = state.new_service(call_id, persona, reservation, output_chunk_s=channel.output_chunk_s)
         call.attach(service)
         call.worker = channel.build(call, service)
     except Exception as exc:  # the call cannot start: its record must still end and the slot come back

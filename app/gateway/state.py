@@ -34,9 +34,15 @@ class GatewayState:
     sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live call (session.open_call)
 
     def new_service(
-        self, call_id: str, persona: Persona, reservation: Reservation | None = None
+        self,
+        call_id: str,
+        persona: Persona,
+        reservation: Reservation | None = None,
+        *,
+        output_chunk_s: float = 0.020,
     ) -> PersonaPlexService:
-        """A call's PersonaPlexService with this gateway's worker token, router and queue settings."""
+        """A call's PersonaPlexService with this gateway's worker token, router and queue settings;
+        `output_chunk_s` is its output transport's chunk (app/gateway/pipeline.py)."""
         return PersonaPlexService(
             call_id=call_id,
             persona=persona.id,
@@ -49,6 +55,7 @@ class GatewayState:
             heartbeat_check_s=self.settings.worker_heartbeat_check_s,
             answer_timeout_s=self.settings.worker_answer_timeout_s,
             frame_align=self.settings.frame_align,
+            output_chunk_s=output_chunk_s,
             on_latency=self.metrics.observe_latency,
         )
 

@@ -377,6 +377,7 @@ class TwilioStream:
         self.websocket = websocket
         self._state = state
         self._start = start
+        self.output_chunk_s = state.settings.twilio_media_chunk_ms / 1000
 
     def build(self, call: CallSession, service: PersonaPlexService) -> PipelineWorker:
         transfer_number = call.persona.transfer_number
@@ -401,7 +402,12 @@ class TwilioStream:
             on_bad_message=lambda _why: self._state.metrics.bad_messages.inc(),
         )
         worker, transport = build_twilio_pipeline(
-            self.websocket, call_id=call.call_id, serializer=serializer, service=service, on_text=call.note_text
+            self.websocket,
+            call_id=call.call_id,
+            serializer=serializer,
+            service=service,
+            on_text=call.note_text,
+            chunk_s=self.output_chunk_s,
         )
 
         @transport.event_handler("on_client_disconnected")

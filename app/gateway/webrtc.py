@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from app import protocol
 from app.callstate import CallStatus, CallStore, EndReason, Reservation
 from app.config import GatewaySettings
-from app.gateway.pipeline import build_webrtc_pipeline
+from app.gateway.pipeline import WEBRTC_CHUNK_S, build_webrtc_pipeline
 from app.gateway.session import CallSession, fail_call, open_call
 from app.gateway.state import gateway_state
 from app.personas import Persona
@@ -130,6 +130,7 @@ class BrowserPeer:
     """
 
     name = "webrtc"
+    output_chunk_s = WEBRTC_CHUNK_S
 
     def __init__(self, connection: SmallWebRTCConnection, call_id: str) -> None:
         self.connection = connection

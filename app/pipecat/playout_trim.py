@@ -8,8 +8,8 @@ plays all it is given, in real time, so the only way to take the delay out is to
 this cuts it from the start of the next frames and the pacer moves its schedule that much earlier
 (`OutputPacer.advance`).
 
-With the least wait L, a margin m kept for jitter and a step s (the output transports send 20 ms
-chunks; cutting whole chunks leaves them no partial chunk to hold back):
+With the least wait L, a margin m kept for jitter and a step s (the output transport's chunk: it
+sends whole chunks only, so cutting whole chunks leaves it no partial chunk to hold back):
 
     L >= m + s      cut floor((L - m) / s) steps, at most one frame's worth per frame
     otherwise       nothing

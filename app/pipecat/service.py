@@ -180,6 +180,7 @@ class PersonaPlexService(AIService):
         heartbeat_check_s: float = 1.0,
         answer_timeout_s: float = 2.0,
         frame_align: bool = True,
+        output_chunk_s: float = 0.020,
         on_latency: Callable[[FrameLatency], None] | None = None,
         audio_passthrough: bool = False,
         **kwargs,
@@ -207,6 +208,8 @@ class PersonaPlexService(AIService):
             treated as lost and the call moves (checked with the heartbeat).
         frame_align: cut the caller's frames so that each is complete just before the worker's
             tick, from the worker's `protocol.Timing` reports (app/pipecat/tick_align.py).
+        output_chunk_s: the output transport's chunk (it sends whole chunks only, holding a partial
+            one back for the next frame): the playout trim cuts whole chunks of the bot's frames.
         on_latency: told each played frame's latency per segment (app/pipecat/latency.py); keep it cheap.
         audio_passthrough: also push the caller's InputAudioRawFrames downstream.
         """
@@ -214,6 +217,9 @@ class PersonaPlexService(AIService):
             raise ValueError("PersonaPlexService needs a WorkerRouter to get a worker, or a Reservation")
         if output_queue_frames < 1 or send_queue_frames < 1 or max_in_flight_frames < 1:
             raise ValueError("output_queue_frames, send_queue_frames and max_in_flight_frames must be >= 1")
+        chunks = protocol.FRAME_SECONDS / output_chunk_s if output_chunk_s > 0 else 0.0
+        if chunks < 1 or abs(chunks - round(chunks)) > 1e-6:
+            raise ValueError(f"output_chunk_s must divide a {protocol.FRAME_SECONDS} s frame, got {output_chunk_s}")
         super().__init__(settings=ServiceSettings(model=MODEL_NAME), **kwargs)
         self.call_id = call_id
         self.persona = persona
@@ -255,7 +261,7 @@ class PersonaPlexService(AIService):
         )
         self._caller = CallerFrames(send_queue_frames)
         self._aligner = TickAligner() if frame_align else None
-        self._trim = PlayoutTrim()
+        self._trim = PlayoutTrim(step_s=output_chunk_s)
         self._latency = LatencyTrace()
         self._on_latency = on_latency
         self._send_wake = asyncio.Event()

@@ -155,6 +155,27 @@ async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle
     assert [e.reason for e in fake_worker.ends] == ["caller_hangup"]
 
 
+async def test_bot_media_goes_out_in_the_configured_message_size(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """TWILIO_MEDIA_CHUNK_MS=40: the bot's audio comes back in 40 ms media messages (half as many
+    messages for the gateway to send), still the caller's tone, none of it lost."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=1)
+    gateway = gateway_factory(twilio_media_chunk_ms=40)
+    call_sid = new_call_sid()
+    _, stream = await answer(http, gateway, call_sid)
+    await stream.play(tone(2.0))
+    await asyncio.sleep(0.3)
+    await stream.stop()
+
+    record = await wait_for_end(store, call_sid)
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    media = stream.media
+    assert {len(m["media"]["payload"]) for m in media} == {428}  # base64 of 320 μ-law bytes: 40 ms
+    assert len(media) >= 40  # 2 s of caller audio answered frame for frame
+    assert abs(dominant_hz(stream.bot_audio()[800:]) - 1000) < 20
+
+
 async def test_a_caller_hang_up_ends_the_worker_session_with_end_and_waits_for_ended(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:

@@ -346,19 +346,34 @@ async def test_a_stalled_workers_frames_wait_at_the_gateway_and_none_is_lost(fak
 
 
 @pytest.mark.asyncio
-async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(fake_worker: FakeWorker) -> None:
+@pytest.mark.parametrize("chunk_s", [0.020, 0.040])
+async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(
+    fake_worker: FakeWorker, chunk_s: float
+) -> None:
     """After the worker's burst the pacer keeps one frame behind the playing one (its playout
     target): 80 ms more than the caller needs, for the rest of the call. From the pacer's lead
-    reports the service cuts it out, in the bot's pauses, and the frames then wait only the margin (and less than a step more)."""
+    reports the service cuts it out, in the bot's pauses, in whole output chunks (the transport
+    holds a partial one back), and the frames then wait only the margin (and less than a step more)."""
     fake_worker.stall_after, fake_worker.stall_s = 6, 0.4
     latencies = []
-    service = service_for(fake_worker, frame_align=False, on_latency=latencies.append)
+    service = service_for(fake_worker, frame_align=False, on_latency=latencies.append, output_chunk_s=chunk_s)
     frames = [SleepFrame(0.3), *realtime_caller_audio(5.0), SleepFrame(0.4)]
-    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+    down, _ = await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
 
     stats = service.stats
     assert stats.playout_restarts >= 1
     assert stats.playout_trimmed_ms >= 40
+    chunk_bytes = round(chunk_s * PHONE_RATE) * 2
+    bot = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+    assert any(len(f.audio) < 0.08 * PHONE_RATE * 2 for f in bot)  # some frames were cut ...
+    assert all(len(f.audio) % chunk_bytes == 0 for f in bot)  # ... by whole chunks only
     out = [f.gateway_out for f in latencies]
     assert len(out) > 40
-    assert np.median(out[-12:]) < 0.06, out[-12:]  # the margin (20 ms), a step, this loop's jitter: not a frame
+    # The margin (20 ms), less than a step, this loop's jitter: not a frame.
+    assert np.median(out[-12:]) < 0.04 + chunk_s, out[-12:]
+
+
+def test_an_output_chunk_that_does_not_divide_the_frame_is_refused(fake_worker: FakeWorker) -> None:
+    for chunk_s in (0.0, 0.03, 0.16):
+        with pytest.raises(ValueError, match="output_chunk_s"):
+            service_for(fake_worker, output_chunk_s=chunk_s)
