@@ -138,7 +138,7 @@ class GatewaySettings(RedisSettings):
         default=2.0, gt=0, description="a worker that answers none of a call's frames this long is lost: "
         "the call moves (checked with the heartbeat)",
     )
-    twilio_media_chunk_ms: Literal[10, 20, 40, 80] = Field(
+    twilio_media_chunk_ms: int = Field(
         default=20, description="bot audio per outbound Twilio media message (Twilio sends 20 ms; larger "
         "messages cost the gateway less CPU, but a standing delay is then cut in steps this long)",
     )
@@ -168,3 +168,10 @@ class GatewaySettings(RedisSettings):
     )
     webrtc_turn_username: str | None = Field(default=None, description="username for the turn: URLs")
     webrtc_turn_credential: str | None = Field(default=None, description="credential for the turn: URLs")
+
+    @field_validator("twilio_media_chunk_ms")
+    @classmethod
+    def _media_chunk(cls, value: int) -> int:
+        if value not in (10, 20, 40, 80):
+            raise ValueError(f"TWILIO_MEDIA_CHUNK_MS must be 10, 20, 40 or 80 (a model frame is 80 ms), got {value}")
+        return value

@@ -2,7 +2,8 @@
 real gateway and a real worker (tiny random-weight model on CPU unless told otherwise).
 
     python bench/latency.py [--calls 4] [--seconds 20] [--repeat 1] [--stall-ms 300]
-        [--worker-model tiny] [--no-frame-align] [--json-out FILE] [--keep-dir DIR]
+        [--worker-model tiny] [--worker-compile] [--no-frame-align] [--twilio-media-chunk-ms 20]
+        [--json-out FILE] [--keep-dir DIR]
 
 What runs (all started here, all stopped here, also on Ctrl-C or an error): an embedded Redis,
 `python -m app.cli worker` and `python -m app.cli gateway` of this tree, and the callers in this
@@ -68,7 +69,7 @@ from app.sim.latency import SEGMENTS, LatencySnapshot, scrape_latency, window  #
 TWILIO_TOKEN = "bench-twilio-auth-token"
 WORKER_TOKEN = "bench-worker-token"
 ADMIN_TOKEN = "bench-admin-token"
-STARTUP_TIMEOUT_S = 180.0
+STARTUP_TIMEOUT_S = 600.0  # a compiling worker (--worker-compile) takes minutes
 RECOVERY_S = 1.0  # the stall window ends this long after the worker continues
 END_MARGIN_S = 1.5  # the last window ends this long before the callers' audio runs out
 COUNTERS = {  # field -> (which process, sample: a counter's _total or a histogram's _sum / _count)
@@ -116,6 +117,8 @@ def running_stack(args: argparse.Namespace, tmp: Path) -> Iterator[Stack]:
             "GATEWAY_PORT": str(g_port),
             "PUBLIC_URL": f"http://127.0.0.1:{g_port}",
             "FRAME_ALIGN": "true" if args.frame_align else "false",
+            "TWILIO_MEDIA_CHUNK_MS": str(args.twilio_media_chunk_ms),
+            "WORKER_COMPILE": "true" if args.worker_compile else "false",
             "LOG_LEVEL": args.log_level,
         })
         worker = start_proc(
@@ -200,6 +203,7 @@ async def run_level(args: argparse.Namespace, stack: Stack, audio: Path, label: 
         spans |= {"stall": ("stall", "recovered_from"), "recovered": ("recovered_from", "end")}
     result: dict[str, Any] = {
         "run": label, "calls": args.calls, "seconds": args.seconds, "frame_align": args.frame_align,
+        "twilio_media_chunk_ms": args.twilio_media_chunk_ms, "worker_compile": args.worker_compile,
         "completed": sum(r.status == "completed" for r in reports),
         "errors": sorted({r.error for r in reports if r.error})[:5],
         "stall_ms": None if stalled_s is None else round(stalled_s * 1000.0, 1),
@@ -259,6 +263,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the gateway's FRAME_ALIGN off (caller frames cut where they fall)")
     p.add_argument("--worker-model", default="tiny", help="WORKER_MODEL (default tiny: random weights)")
     p.add_argument("--worker-device", default="cpu", help="WORKER_DEVICE (default cpu)")
+    p.add_argument("--worker-compile", action="store_true",
+                   help="WORKER_COMPILE: the worker compiles its tick at start (minutes), so the tick's "
+                   "own compute stops dominating what is measured")
+    p.add_argument("--twilio-media-chunk-ms", type=int, choices=(10, 20, 40, 80), default=20,
+                   help="TWILIO_MEDIA_CHUNK_MS: bot audio per outbound media message (default 20)")
     p.add_argument("--log-level", default="warning", help="the processes' LOG_LEVEL (default warning)")
     p.add_argument("--json-out", type=Path, help="all result objects as one JSON list")
     p.add_argument("--keep-dir", type=Path, help="keep the process logs here")

@@ -32,3 +32,13 @@ def test_gateway_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("GATEWAY_PORT", "0")
     with pytest.raises(ValidationError):
         GatewaySettings(_env_file=None)
+
+
+def test_twilio_media_chunk_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert GatewaySettings(_env_file=None).twilio_media_chunk_ms == 20
+    monkeypatch.setenv("TWILIO_MEDIA_CHUNK_MS", "40")
+    assert GatewaySettings(_env_file=None).twilio_media_chunk_ms == 40
+    for bad in ("30", "160", "0"):
+        monkeypatch.setenv("TWILIO_MEDIA_CHUNK_MS", bad)
+        with pytest.raises(ValidationError, match="TWILIO_MEDIA_CHUNK_MS must be"):
+            GatewaySettings(_env_file=None)
