@@ -138,6 +138,10 @@ class GatewaySettings(RedisSettings):
         default=2.0, gt=0, description="a worker that answers none of a call's frames this long is lost: "
         "the call moves (checked with the heartbeat)",
     )
+    gateway_max_calls: int = Field(
+        default=0, ge=0, description="calls this gateway process takes at most (0: no cap); beyond it a new "
+        "call hears the busy message, as when no worker has a free slot",
+    )
     twilio_media_chunk_ms: int = Field(
         default=20, description="bot audio per outbound Twilio media message (Twilio sends 20 ms; larger "
         "messages cost the gateway less CPU, but a standing delay is then cut in steps this long)",

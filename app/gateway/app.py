@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from app.callstate import CallStore, EndReason, connect_redis
 from app.config import GatewaySettings
 from app.gateway import admin, ops, twilio, webrtc
+from app.gateway.admission import Admission, LoopLag
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
 from app.gateway.security import StreamTokens, TwilioSignatures
@@ -45,6 +46,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
         redis, embedded = await connect_redis(settings)
         metrics = GatewayMetrics()
         store = CallStore(redis, gateway_id=instance_id(settings))
+        sessions: dict = {}
         state = GatewayState(
             settings=settings,
             store=store,
@@ -54,9 +56,18 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
             router=RedisRouter(store, suspect_s=settings.worker_suspect_s),
             stream_tokens=StreamTokens(settings),
             writer=StateWriter(),
+            admission=Admission(
+                max_calls=settings.gateway_max_calls,
+                pending_s=settings.stream_timeout_s,
+                live_calls=lambda: len(sessions),
+            ),
+            loop_lag=LoopLag(),
+            sessions=sessions,
         )
         state.writer.start()
+        state.loop_lag.start()
         metrics.watch_live(state.frames_dropped_of_live_calls)
+        metrics.watch_loop_lag(state.loop_lag.worst_s)
         app.state.gateway = state
         _warn_about(settings, book)
         upkeep = Upkeep(store, settings, metrics)
@@ -68,6 +79,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
             await end_live_calls(state)
             await state.writer.stop(timeout_s=SHUTDOWN_GRACE_S)
             await upkeep.stop()
+            await state.loop_lag.stop()
             await redis.aclose()
             if embedded is not None:
                 embedded.close()

@@ -36,6 +36,13 @@ class _LiveCollector(Collector):
         )
         dropped.add_metric([], self._metrics.frames_dropped_finished + sum(d for d in live))
         yield dropped
+        lag = GaugeMetricFamily(
+            "gateway_event_loop_lag_seconds",
+            "The worst lateness of this gateway's event loop timers over the last few seconds: near a frame "
+            "(tens of ms) the gateway is at its CPU and every call's audio suffers (app/gateway/admission.py)",
+        )
+        lag.add_metric([], self._metrics.loop_lag_s())
+        yield lag
 
 
 class GatewayMetrics:
@@ -47,6 +54,12 @@ class GatewayMetrics:
             "gateway_calls",
             "Calls that ended on this gateway, by final status and end reason",
             ["status", "end_reason"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "gateway_refused_calls",
+            "New calls refused because this gateway is at its GATEWAY_MAX_CALLS, by channel",
+            ["channel"],
             registry=self.registry,
         )
         self.webhooks = Counter(
@@ -118,6 +131,7 @@ class GatewayMetrics:
         self._latency_segments = [self.added_latency.labels(segment=s) for s in LATENCY_SEGMENTS]
         self.frames_dropped_finished = 0
         self._live: Callable[[], list[int]] = list
+        self._loop_lag: Callable[[], float] = lambda: 0.0
         self.registry.register(_LiveCollector(self))
 
     def observe_latency(self, latency: FrameLatency) -> None:
@@ -131,6 +145,13 @@ class GatewayMetrics:
     def watch_live(self, frames_dropped_of_live_calls: Callable[[], list[int]]) -> None:
         """Where to read the live calls from: one frames-dropped count per active call."""
         self._live = frames_dropped_of_live_calls
+
+    def watch_loop_lag(self, worst_s: Callable[[], float]) -> None:
+        """Where to read the event loop's lag from (LoopLag.worst_s)."""
+        self._loop_lag = worst_s
+
+    def loop_lag_s(self) -> float:
+        return self._loop_lag()
 
     def live_stats(self) -> list[int]:
         return self._live()

@@ -10,6 +10,7 @@ from fastapi import Request, WebSocket
 
 from app.callstate import CallStore, Reservation
 from app.config import GatewaySettings
+from app.gateway.admission import Admission, LoopLag
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.routing import RedisRouter
 from app.gateway.security import StreamTokens, TwilioSignatures
@@ -31,6 +32,8 @@ class GatewayState:
     router: RedisRouter
     stream_tokens: StreamTokens
     writer: StateWriter  # every live call's Redis writes, in order, through outages
+    admission: Admission  # whether this gateway takes one more call (GATEWAY_MAX_CALLS)
+    loop_lag: LoopLag  # how late this event loop runs
     sessions: dict[str, CallSession] = field(default_factory=dict)  # call id -> live call (session.open_call)
 
     def new_service(

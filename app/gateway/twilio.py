@@ -98,6 +98,10 @@ async def voice(request: Request) -> Response:
             response = VoiceResponse()
             response.hangup()
             return _twiml(response)
+        refusal = state.admission.refusal()
+        if refusal is not None:
+            state.metrics.refused.labels("twilio").inc()
+            return await _busy(state, call_id, persona.name, error=refusal, outcome="full")
         if await state.store.reserve_slot(call_id) is None:  # atomic: two callers never get one slot
             return await _busy(state, call_id, persona.name)
     except (RedisError, OSError) as exc:
@@ -115,6 +119,7 @@ async def voice(request: Request) -> Response:
     stream.parameter(name="persona", value=persona.id)
     stream.parameter(name="token", value=state.stream_tokens.issue(call_id))
     response.append(connect)
+    state.admission.admitted(call_id)
     state.metrics.webhooks.labels("voice", "connect").inc()
     logger.info("call %s from %s to %s: persona %s, connecting the stream", call_id, from_number, to_number, persona.id)
     return _twiml(response)
@@ -150,7 +155,14 @@ async def _ringing_record(
         return False
 
 
-async def _busy(state: GatewayState, call_id: str, persona_name: str) -> Response:
+async def _busy(
+    state: GatewayState,
+    call_id: str,
+    persona_name: str,
+    *,
+    error: str = "no worker has a free slot",
+    outcome: str = "busy",
+) -> Response:
     response = VoiceResponse()
     response.say(BUSY_MESSAGE.format(name=persona_name))
     overflow = state.settings.overflow_number
@@ -158,10 +170,10 @@ async def _busy(state: GatewayState, call_id: str, persona_name: str) -> Respons
         response.dial(overflow)
     else:
         response.hangup()
-    await state.store.end_call(call_id, CallStatus.REJECTED, EndReason.BUSY, error="no worker has a free slot")
+    await state.store.end_call(call_id, CallStatus.REJECTED, EndReason.BUSY, error=error)
     state.metrics.calls.labels(CallStatus.REJECTED.value, EndReason.BUSY.value).inc()
-    state.metrics.webhooks.labels("voice", "busy").inc()
-    logger.warning("call %s: no free slot, %s", call_id, f"dialling {overflow}" if overflow else "hanging up")
+    state.metrics.webhooks.labels("voice", outcome).inc()
+    logger.warning("call %s: %s, %s", call_id, error, f"dialling {overflow}" if overflow else "hanging up")
     return _twiml(response)
 
 
@@ -183,8 +195,10 @@ async def status_callback(request: Request) -> Response:
     await state.store.add_event(
         record.call_id, "twilio_status", status=call_status, duration=duration if isinstance(duration, str) else None
     )
-    if call_status in _FINAL_STATUSES and record.status not in TERMINAL:
-        await _end_by_status(state, record, call_status)
+    if call_status in _FINAL_STATUSES:
+        state.admission.started(record.call_id)  # over before its stream started: no longer counted
+        if record.status not in TERMINAL:
+            await _end_by_status(state, record, call_status)
     return Response(status_code=204)
 
 
@@ -247,6 +261,9 @@ async def media_stream(websocket: WebSocket) -> None:
     except (RedisError, OSError) as exc:
         logger.warning("stream %s: call state unavailable (%r): stream refused", start.stream_sid, exc)
         call = None
+    finally:
+        if start.call_id is not None:
+            state.admission.started(start.call_id)  # a live call now (counted as one), or none at all
     if call is None:
         state.metrics.webhooks.labels("stream", "rejected").inc()
         await _close(websocket, 1008)

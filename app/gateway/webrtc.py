@@ -248,6 +248,11 @@ class Softphone:
         persona = state.personas.get(offer.persona) if offer.persona else state.personas.for_number(None)
         if persona is None:
             return _error(400, "unknown_persona", f"there is no persona {offer.persona!r}")
+        refusal = state.admission.refusal()
+        if refusal is not None:
+            state.metrics.refused.labels("webrtc").inc()
+            logger.warning("webrtc offer (%s) refused: %s", persona.id, refusal)
+            return _error(503, "busy", BUSY_MESSAGE)
         problem = sdp_problem(offer.sdp)
         if problem is not None:
             logger.warning("webrtc offer refused: %s", problem)

@@ -113,6 +113,44 @@ async def test_no_free_slot_says_busy_and_rejects_the_call(
     assert twiml.dial == "+15550100999" and not twiml.hangup
 
 
+async def test_a_gateway_at_its_call_cap_says_busy_and_takes_calls_again_once_one_ends(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """GATEWAY_MAX_CALLS=1 with free worker slots: a second caller ringing while the first call is
+    admitted (before its stream starts, then while it streams) hears the busy message and the
+    overflow number, its record rejected/busy saying why; once the first call ends, a call is
+    taken again. The first call is not disturbed."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=4)
+    gateway = gateway_factory(gateway_max_calls=1, overflow_number="+15550100999")
+    first = new_call_sid()
+    twiml = await ring(http, gateway, first)
+    early = new_call_sid()
+    refused_early = await ring(http, gateway, early)  # the first's stream has not started yet
+    stream = await MediaStream.open(twiml.stream_url or "", call_sid=first)
+    await stream.start(twiml.parameters)
+    await stream.play(tone(0.5))
+    during = new_call_sid()
+    refused_during = await ring(http, gateway, during)
+    await stream.play(tone(0.5))
+    await stream.stop()
+    record = await wait_for_end(store, first)
+    assert (record.status, record.end_reason) == ("completed", "caller_hangup")
+    assert record.frames_dropped == 0 and record.frames_out is not None and record.frames_out >= 10
+
+    for refused, sid in ((refused_early, early), (refused_during, during)):
+        assert refused.stream_url is None and refused.dial == "+15550100999" and "busy" in (refused.say or "")
+        rejected = await store.get_call(sid)
+        assert rejected is not None and (rejected.status, rejected.end_reason) == ("rejected", "busy")
+        assert "GATEWAY_MAX_CALLS" in (rejected.error or "")
+    assert await store.free_slots() == 4  # a refused call never held a slot
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    assert 'gateway_refused_calls_total{channel="twilio"} 2.0' in metrics
+    assert "gateway_event_loop_lag_seconds " in metrics
+
+    again = await ring(http, gateway, new_call_sid())
+    assert again.stream_url is not None  # the first call ended: room again
+
+
 async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:

@@ -14,6 +14,7 @@ import pytest
 from app.callstate import CallStore
 from app.personas import load_personas
 from tests.gateway.conftest import REPO, GatewayServer, statuses, wait_for_end
+from tests.gateway.twilio_fake import post_signed, voice_params
 from tests.gateway.webrtc_peer import RATE, SoftphonePeer
 from tests.pipecat.fake_worker import FakeWorker, FakeWorkerThread
 
@@ -129,6 +130,27 @@ async def test_no_free_slot_is_a_busy_json_error_and_a_rejected_record(
         "rejected",
         "busy",
     )
+
+
+async def test_a_gateway_at_its_call_cap_refuses_an_offer_as_busy(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """GATEWAY_MAX_CALLS=1 and a phone call admitted: the browser's offer gets the busy answer at
+    once, before any WebRTC work; nothing else changes (the phone call keeps its slot)."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=4)
+    gateway = gateway_factory(gateway_max_calls=1)
+    response = await post_signed(http, f"{gateway.base}/twilio/voice", voice_params("CA" + "1" * 32))
+    assert "<Connect" in response.text
+    peer = SoftphonePeer.create()
+    try:
+        response = await peer.call(http, gateway.base, persona="restaurant-orders")
+    finally:
+        await peer.close()
+    assert response.status_code == 503 and response.json()["error"] == "busy"
+    assert [r.channel for r in await store.list_calls()] == ["twilio"]
+    assert await store.free_slots() == 3
+    metrics = (await http.get(f"{gateway.base}/metrics")).text
+    assert 'gateway_refused_calls_total{channel="webrtc"} 1.0' in metrics
 
 
 async def test_a_browser_call_streams_24khz_both_ways_and_hang_up_completes_it(
