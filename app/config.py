@@ -142,6 +142,10 @@ class GatewaySettings(RedisSettings):
         default=0, ge=0, description="calls this gateway process takes at most (0: no cap); beyond it a new "
         "call hears the busy message, as when no worker has a free slot",
     )
+    gateway_max_loop_lag_ms: float = Field(
+        default=0.0, ge=0, description="refuse new calls (busy) while this gateway's event loop ran this much "
+        "late within the last 5 s: it is at its CPU (0: off)",
+    )
     twilio_media_chunk_ms: int = Field(
         default=20, description="bot audio per outbound Twilio media message (Twilio sends 20 ms; larger "
         "messages cost the gateway less CPU, but a standing delay is then cut in steps this long)",

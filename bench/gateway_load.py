@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +395,7 @@ def run_level(args: argparse.Namespace, stack: Stack, calls: int, seconds: float
             out = {k: sum(cpu_seconds(pid) for pid in v) for k, v in pids.items()}
             out["gateway_wait"] = runqueue_wait_seconds(stack.gateway.process.pid)
             out["clients_wait"] = sum(runqueue_wait_seconds(pid) for pid in pids["clients"])
+            out["loop_lag"] = gateway_loop_lag_s(stack.gateway_url)
             return out
 
         gateway_cpu_start = cpu_seconds(stack.gateway.process.pid)
@@ -472,6 +474,7 @@ def summarise(
     shares = [
         (b[1]["gateway"] - a[1]["gateway"]) / (b[0] - a[0]) for a, b in itertools.pairwise(samples) if b[0] > a[0]
     ]
+    lags = [1000 * s["loop_lag"] for _, s in samples if s.get("loop_lag") is not None]
     return {
         "run": label,
         "calls": calls,
@@ -499,6 +502,8 @@ def summarise(
         "gateway_runqueue_wait_share": rounded(
             (last["gateway_wait"] - first["gateway_wait"]) / window_s if window_s else None
         ),
+        "gateway_loop_lag_ms_p50": rounded(percentile(lags, 50), 1),
+        "gateway_loop_lag_ms_max": rounded(max(lags) if lags else None, 1),
         "gateway_cpu_s_whole_run": round(gateway_cpu_total, 2),
         "gateway_rss_mib": rounded(memory.get("VmRSS"), 1),
         "gateway_peak_rss_mib": rounded(memory.get("VmHWM"), 1),
@@ -519,6 +524,20 @@ def summarise(
         "load_1m_before": round(load_before[0], 2),
         "load_1m_window": round(load_window[0], 2),
     }
+
+
+def gateway_loop_lag_s(gateway_url: str) -> float | None:
+    """The gateway's `gateway_event_loop_lag_seconds` (its worst timer lateness of the last 5 s),
+    read from /metrics; None when it cannot be read (an older tree without it, or no answer in 2 s)."""
+    try:
+        with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=2.0) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("gateway_event_loop_lag_seconds "):
+            return float(line.split()[1])
+    return None
 
 
 def parse_calls(text: str) -> list[int]:

@@ -8,9 +8,12 @@ instead of degrading the calls already up. The count is this process's live call
 webhook admitted whose media stream has not started yet (each counted until the stream starts or
 `STREAM_TIMEOUT_S` passes), so a burst of webhooks cannot overshoot it.
 
-`LoopLag` is the signal that a gateway is near its core: a task that sleeps `period_s` and notes
-how much later than asked it woke. Its worst value over the last `window_s` is the
-`gateway_event_loop_lag_seconds` gauge.
+`LoopLag` is the signal that a gateway is near its core, whatever the machine: a task that sleeps
+`period_s` and notes how much later than asked it woke. Its worst value over the last `window_s`
+is the `gateway_event_loop_lag_seconds` gauge, and with `GATEWAY_MAX_LOOP_LAG_MS` a gateway whose
+loop ran that late in the last window refuses new calls the same way. Measured on one core
+(bench/gateway_load.py): worst lag ~3 ms at 10 calls with every frame on time, 71 ms at 25 calls
+with 6 % of frames late, 150-300 ms beyond.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class LoopLag:
 
 
 class Admission:
-    """Counts this gateway's calls against `max_calls` (0: no cap)."""
+    """Counts this gateway's calls against `max_calls` (0: no cap) and watches its loop lag against
+    `max_loop_lag_s` (0: not watched)."""
 
     def __init__(
         self,
@@ -89,11 +93,17 @@ class Admission:
         max_calls: int,
         pending_s: float,
         live_calls: Callable[[], int],
+        max_loop_lag_s: float = 0.0,
+        loop_lag_s: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_calls < 0 or pending_s <= 0:
-            raise ValueError(f"max_calls >= 0 and pending_s > 0, got {max_calls}, {pending_s}")
+        if max_calls < 0 or pending_s <= 0 or max_loop_lag_s < 0:
+            raise ValueError(
+                f"max_calls >= 0, pending_s > 0 and max_loop_lag_s >= 0, got {max_calls}, {pending_s}, {max_loop_lag_s}"
+            )
         self.max_calls = max_calls
+        self.max_loop_lag_s = max_loop_lag_s
+        self._loop_lag_s = loop_lag_s
         self.pending_s = pending_s
         self._live_calls = live_calls
         self._clock = clock
@@ -110,6 +120,13 @@ class Admission:
         """Why one more call would be refused (None: it is taken)."""
         if self.max_calls and self.calls() >= self.max_calls:
             return f"this gateway is at its limit of {self.max_calls} calls (GATEWAY_MAX_CALLS)"
+        if self.max_loop_lag_s:
+            lag_s = self._loop_lag_s()
+            if lag_s > self.max_loop_lag_s:
+                return (
+                    f"this gateway's event loop ran {lag_s * 1000:.0f} ms late (GATEWAY_MAX_LOOP_LAG_MS "
+                    f"{self.max_loop_lag_s * 1000:.0f}): it is at its CPU"
+                )
         return None
 
     def admitted(self, call_id: str) -> None:

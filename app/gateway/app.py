@@ -47,6 +47,7 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
         metrics = GatewayMetrics()
         store = CallStore(redis, gateway_id=instance_id(settings))
         sessions: dict = {}
+        loop_lag = LoopLag()
         state = GatewayState(
             settings=settings,
             store=store,
@@ -60,8 +61,10 @@ def create_app(settings: GatewaySettings, *, personas: PersonaBook | None = None
                 max_calls=settings.gateway_max_calls,
                 pending_s=settings.stream_timeout_s,
                 live_calls=lambda: len(sessions),
+                max_loop_lag_s=settings.gateway_max_loop_lag_ms / 1000,
+                loop_lag_s=loop_lag.worst_s,
             ),
-            loop_lag=LoopLag(),
+            loop_lag=loop_lag,
             sessions=sessions,
         )
         state.writer.start()

@@ -67,3 +67,18 @@ async def test_loop_lag_sees_a_blocked_event_loop() -> None:
     finally:
         await lag.stop()
     await lag.stop()  # twice is fine
+
+
+def test_a_late_event_loop_refuses_new_calls_while_it_lasts() -> None:
+    lag = [0.004]
+    admission = Admission(
+        max_calls=0, pending_s=1.0, live_calls=lambda: 3, max_loop_lag_s=0.025, loop_lag_s=lambda: lag[0]
+    )
+    assert admission.refusal() is None
+    lag[0] = 0.071
+    refusal = admission.refusal() or ""
+    assert "71 ms late" in refusal and "GATEWAY_MAX_LOOP_LAG_MS" in refusal
+    lag[0] = 0.010
+    assert admission.refusal() is None
+    off = Admission(max_calls=0, pending_s=1.0, live_calls=lambda: 3, loop_lag_s=lambda: 9.0)
+    assert off.refusal() is None  # not watched unless asked for

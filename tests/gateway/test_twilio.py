@@ -151,6 +151,23 @@ async def test_a_gateway_at_its_call_cap_says_busy_and_takes_calls_again_once_on
     assert again.stream_url is not None  # the first call ended: room again
 
 
+async def test_a_gateway_whose_event_loop_runs_late_says_busy(
+    gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
+) -> None:
+    """GATEWAY_MAX_LOOP_LAG_MS: a bound of 0.001 ms that every timer wake-up exceeds stands in for
+    a gateway at its CPU; callers hear busy, the record says why, no slot is taken."""
+    await store.register_worker(fake_worker.worker_id, fake_worker.url, max_slots=2)
+    gateway = gateway_factory(gateway_max_loop_lag_ms=0.001)
+    await asyncio.sleep(0.5)  # a few lag measurements
+    call_sid = new_call_sid()
+    twiml = await ring(http, gateway, call_sid)
+    assert twiml.stream_url is None and twiml.hangup and "busy" in (twiml.say or "")
+    record = await store.get_call(call_sid)
+    assert record is not None and (record.status, record.end_reason) == ("rejected", "busy")
+    assert "GATEWAY_MAX_LOOP_LAG_MS" in (record.error or "")
+    assert await store.free_slots() == 2
+
+
 async def test_a_phone_call_streams_both_ways_and_the_record_walks_the_lifecycle(
     gateway_factory: Callable[..., GatewayServer], store: CallStore, http: httpx.AsyncClient, fake_worker: FakeWorker
 ) -> None:
