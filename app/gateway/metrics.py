@@ -107,6 +107,12 @@ class GatewayMetrics:
             "their due time; ended calls)",
             registry=self.registry,
         )
+        self.backlog_dropped = Counter(
+            "gateway_backlog_dropped_frames",
+            "Caller 80 ms frames left unsent because they stood in a call's send queue for a second (a worker "
+            "that only just keeps real time; ended calls)",
+            registry=self.registry,
+        )
         self.playout_restarts = Counter(
             "gateway_playout_restarts",
             "Times a call's output pacer restarted its clock because a bot frame came too late (ended calls)",

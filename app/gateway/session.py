@@ -324,6 +324,7 @@ class CallSession:
             self.metrics.playout_resyncs.inc(stats.playout_resyncs)
             self.metrics.playout_restarts.inc(stats.playout_restarts)
             self.metrics.playout_trimmed.inc(stats.playout_trimmed_ms / 1000)
+            self.metrics.backlog_dropped.inc(stats.backlog_dropped)
 
         async def final_record() -> None:
             if reason == EndReason.TRANSFER:

@@ -11,6 +11,13 @@ behind, the oldest frame is dropped, so the caller's audio reaches the worker la
 `shift` moves where frames are cut (app/pipecat/tick_align.py says why): silence inserted at once
 (frames complete earlier), or caller audio dropped (frames complete later). A drop waits for a
 quiet message (at most `QUIET_WAIT_S` of audio), so it takes a pause, not a syllable, when it can.
+
+`StandingBacklog` watches the queue from the sender's side. After a stall the worker catches up
+and the queue empties within a second; a worker that only just keeps real time never catches up,
+and frames that waited on every send for a whole window would wait for the rest of the call (up
+to `capacity` frames, 640 ms with 8). Then that many frames are not sent, quiet ones first (each
+waits at most `quiet_wait` frames for a pause): the caller's audio reaches the worker that much sooner, and the
+bot answers that many frames fewer, so the playout takes the same time out on its side.
 """
 
 from __future__ import annotations
@@ -99,3 +106,48 @@ class CallerFrames:
         if not self._drop:
             self._drop_waited = 0
         return chunk[take:]
+
+
+class StandingBacklog:
+    """Which popped caller frames to leave unsent, so a backlog that stands goes (module docstring)."""
+
+    def __init__(self, *, window: int = 12, quiet_wait: int = 12) -> None:
+        if window < 1 or quiet_wait < 0:
+            raise ValueError(f"window >= 1 and quiet_wait >= 0, got {window}, {quiet_wait}")
+        self.window = window
+        self.quiet_wait = quiet_wait
+        self.pending = 0  # frames still to leave unsent
+        self.dropped = 0  # left unsent so far
+        self._seen = 0  # pops in the current window
+        self._least = 0  # the fewest frames left waiting after one of them
+        self._waited = 0  # pops since the pending drop was decided
+
+    def take(self, pcm: bytes, waiting: int) -> bool:
+        """A frame was popped with `waiting` frames still queued behind it: True to leave it unsent."""
+        if self.pending:
+            self._waited += 1
+            if self._waited > self.quiet_wait or is_quiet(np.frombuffer(pcm, dtype="<i2")):
+                self.pending -= 1
+                self.dropped += 1
+                self._waited = 0  # the next one waits for a pause of its own
+                if not self.pending:
+                    self._restart()
+                return True
+            return False
+        self._least = waiting if self._seen == 0 else min(self._least, waiting)
+        self._seen += 1
+        if self._seen >= self.window:
+            if self._least > 0:
+                self.pending, self._waited = self._least, 0
+            else:
+                self._restart()
+        return False
+
+    def reset(self) -> None:
+        """Forget the window and any pending drop (the call moved: a new worker, a new queue)."""
+        self.pending = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self._seen = 0
+        self._least = 0

@@ -90,7 +90,7 @@ from websockets.exceptions import ConnectionClosed
 from app import protocol
 from app.callstate import EndReason, Reservation
 from app.pipecat.audio import FrameResampler
-from app.pipecat.caller_frames import CallerFrames
+from app.pipecat.caller_frames import CallerFrames, StandingBacklog
 from app.pipecat.latency import RECEIVED_AT, FrameLatency, LatencyTrace
 from app.pipecat.pacer import OutputPacer
 from app.pipecat.playout_trim import PlayoutTrim
@@ -133,7 +133,8 @@ class SessionStats:
     playout_resyncs: int = 0  # times the pacer dropped frames to get back to its playout target
     playout_restarts: int = 0  # times the pacer's clock restarted: a bot frame came too late to keep time
     playout_trimmed_ms: float = 0.0  # bot audio cut to take a standing delay out (app/pipecat/playout_trim.py)
-    input_frames_dropped: int = 0  # caller frames not sent: the send queue was full, or stale after a move
+    input_frames_dropped: int = 0  # caller frames not sent: the send queue was full, stale after a move, or a backlog
+    backlog_dropped: int = 0  # of those, left unsent because they stood in the send queue (StandingBacklog)
     align_shifts: int = 0  # times the caller's framing moved to the worker's tick (app/pipecat/tick_align.py)
     align_dropped_ms: float = 0.0  # caller audio dropped by those shifts
     align_inserted_ms: float = 0.0  # silence inserted by them
@@ -260,6 +261,7 @@ class PersonaPlexService(AIService):
             capacity=output_queue_frames, target_frames=playout_target_frames
         )
         self._caller = CallerFrames(send_queue_frames)
+        self._backlog = StandingBacklog()
         self._aligner = TickAligner() if frame_align else None
         self._trim = PlayoutTrim(step_s=output_chunk_s)
         self._latency = LatencyTrace()
@@ -359,6 +361,11 @@ class PersonaPlexService(AIService):
                     pcm = _SILENCE
             else:
                 pcm, arrived_at = self._caller.pop()
+                if self._backlog.take(pcm, waiting=len(self._caller)):
+                    self.stats.backlog_dropped += 1
+                    self.stats.input_frames_dropped += 1
+                    logger.debug("call %s: a caller frame left unsent: a backlog stood in the send queue", self.call_id)
+                    continue
                 self.tape.add_caller(pcm)
             index = session.next_send
             session.next_send += 1
@@ -638,6 +645,7 @@ class PersonaPlexService(AIService):
             self._aligner.restart()  # a new worker: a new tick grid
         pending = self.tape.sent - session.base
         self.stats.input_frames_dropped += self._caller.trim(max(1, self._max_in_flight - pending))
+        self._backlog.reset()
         self._session = session
         self._send_wake.set()
 

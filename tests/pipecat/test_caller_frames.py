@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from app import protocol
-from app.pipecat.caller_frames import QUIET_WAIT_S, CallerFrames
+from app.pipecat.caller_frames import QUIET_WAIT_S, CallerFrames, StandingBacklog
 
 CHUNK_8K = 160  # 20 ms at 8 kHz, a Twilio media message
 CHUNK_24K = 480  # the same 20 ms at 24 kHz
@@ -84,3 +85,41 @@ def test_an_insert_makes_the_next_frame_complete_one_message_earlier() -> None:
     frame = np.frombuffer(frames.pop()[0], dtype="<i2")
     assert not frame[:CHUNK_24K].any() and frames.samples_inserted == CHUNK_24K
     assert (frame[CHUNK_24K : 2 * CHUNK_24K] == np.frombuffer(chunks[4], dtype="<i2")).all()
+
+
+def _frame(level: float) -> bytes:
+    t = np.arange(protocol.FRAME_SAMPLES) / protocol.SAMPLE_RATE
+    return (level * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()
+
+
+LOUD, QUIET = _frame(0.3), _frame(0.0)
+
+
+def test_a_backlog_that_drains_now_and_then_is_left_alone() -> None:
+    backlog = StandingBacklog(window=4)
+    for waiting in [2, 3, 0, 1, 2, 3, 1, 0, 2]:  # the queue empties within every window
+        assert not backlog.take(LOUD, waiting)
+    assert backlog.pending == 0 and backlog.dropped == 0
+
+
+def test_a_standing_backlog_goes_in_the_next_pauses_or_after_the_quiet_wait() -> None:
+    backlog = StandingBacklog(window=4, quiet_wait=3)
+    decisions = [backlog.take(LOUD, waiting) for waiting in [3, 2, 2, 3]]  # never fewer than 2 waiting
+    assert decisions == [False] * 4 and backlog.pending == 2
+    assert not backlog.take(LOUD, 2)  # the caller is talking: wait for a pause
+    assert backlog.take(QUIET, 2)  # a pause: leave it unsent
+    assert [backlog.take(LOUD, 1) for _ in range(3)] == [False] * 3  # quiet_wait frames waited for a pause
+    assert backlog.take(LOUD, 1)  # none came: the next one goes anyway
+    assert backlog.pending == 0 and backlog.dropped == 2
+    assert not backlog.take(LOUD, 0)  # a new window
+
+
+def test_a_move_forgets_the_window_and_the_pending_drop() -> None:
+    backlog = StandingBacklog(window=2)
+    backlog.take(LOUD, 1)
+    backlog.take(LOUD, 1)
+    assert backlog.pending == 1
+    backlog.reset()
+    assert backlog.pending == 0 and not backlog.take(QUIET, 1)
+    with pytest.raises(ValueError):
+        StandingBacklog(window=0)

@@ -341,8 +341,32 @@ async def test_a_stalled_workers_frames_wait_at_the_gateway_and_none_is_lost(fak
     assert session.max_queued <= 3  # never more than the window at the worker
     stats = service.stats
     assert stats.frames_in == len(session.frames) == stats.frames_received
-    assert stats.frames_in >= 36 and stats.input_frames_dropped == 0  # 3.2 s: 40 frames, less alignment drops
+    # 3.2 s: 40 frames, less alignment drops; none lost to the queue bound (this worker never
+    # catches up, so a frame that stood in the send queue for a second may be left unsent).
+    assert stats.frames_in + stats.backlog_dropped >= 36 and stats.input_frames_dropped == stats.backlog_dropped
     assert stats.frames_out + stats.frames_dropped == stats.frames_received
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_that_stands_in_the_send_queue_is_left_unsent_in_a_pause(fake_worker: FakeWorker) -> None:
+    """A worker that only just keeps real time (one frame per 80 ms tick, no catch-up) after a
+    stall: without help the frames that queued at the gateway during the stall wait there for
+    the rest of the call. After a second of that, that many frames go unsent (quiet ones first)
+    and the caller's audio reaches the worker without the wait again."""
+    fake_worker.tick_s, fake_worker.tick_phase_s = 0.08, 0.01
+    fake_worker.stall_after, fake_worker.stall_s = 8, 0.6
+    latencies = []
+    service = service_for(fake_worker, max_in_flight_frames=2, frame_align=False, on_latency=latencies.append)
+    frames = [SleepFrame(0.3), *realtime_caller_audio(6.0), SleepFrame(0.6)]
+    await run_test(service, frames_to_send=frames, pipeline_params=PARAMS)
+
+    stats = service.stats
+    assert stats.backlog_dropped >= 2  # the stall's 0.6 s, less the worker's window of 2
+    assert stats.input_frames_dropped == stats.backlog_dropped  # the queue bound dropped none
+    waited = [f.gateway_in for f in latencies]
+    assert len(waited) > 40
+    assert max(waited[8:20]) > 0.12  # right after the stall: frames stood at the gateway
+    assert np.median(waited[-15:]) < 0.04, waited[-15:]  # at the end: not a frame's wait
 
 
 @pytest.mark.asyncio
