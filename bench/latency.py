@@ -80,6 +80,7 @@ COUNTERS = {  # field -> (which process, sample: a counter's _total or a histogr
     "worker_tick_s": ("worker", "worker_tick_seconds_sum"),
     "gateway_playout_resyncs": ("gateway", "gateway_playout_resyncs_total"),
     "gateway_playout_trimmed_s": ("gateway", "gateway_playout_trimmed_seconds_total"),
+    "gateway_backlog_dropped_frames": ("gateway", "gateway_backlog_dropped_frames_total"),
 }
 
 
