@@ -109,16 +109,17 @@ class Admission:
         self._clock = clock
         self._pending: dict[str, float] = {}  # call id -> until when it counts without a stream
 
-    def calls(self) -> int:
-        """Live calls plus admitted ones whose stream has not started (and has not timed out)."""
+    def calls(self, *, besides: str | None = None) -> int:
+        """Live calls plus admitted ones whose stream has not started (and has not timed out), not
+        counting `besides` (a webhook Twilio repeated for a call admitted already)."""
         now = self._clock()
         for call_id in [c for c, until in self._pending.items() if until <= now]:
             del self._pending[call_id]
-        return self._live_calls() + len(self._pending)
+        return self._live_calls() + len(self._pending) - (besides in self._pending)
 
-    def refusal(self) -> str | None:
-        """Why one more call would be refused (None: it is taken)."""
-        if self.max_calls and self.calls() >= self.max_calls:
+    def refusal(self, call_id: str | None = None) -> str | None:
+        """Why one more call (`call_id`) would be refused (None: it is taken)."""
+        if self.max_calls and self.calls(besides=call_id) >= self.max_calls:
             return f"this gateway is at its limit of {self.max_calls} calls (GATEWAY_MAX_CALLS)"
         if self.max_loop_lag_s:
             lag_s = self._loop_lag_s()

@@ -98,7 +98,7 @@ async def voice(request: Request) -> Response:
             response = VoiceResponse()
             response.hangup()
             return _twiml(response)
-        refusal = state.admission.refusal()
+        refusal = state.admission.refusal(call_id)
         if refusal is not None:
             state.metrics.refused.labels("twilio").inc()
             return await _busy(state, call_id, persona.name, error=refusal, outcome="full")

@@ -124,6 +124,7 @@ async def test_a_gateway_at_its_call_cap_says_busy_and_takes_calls_again_once_on
     gateway = gateway_factory(gateway_max_calls=1, overflow_number="+15550100999")
     first = new_call_sid()
     twiml = await ring(http, gateway, first)
+    assert (await ring(http, gateway, first)).stream_url is not None  # Twilio repeating its webhook: the same call
     early = new_call_sid()
     refused_early = await ring(http, gateway, early)  # the first's stream has not started yet
     stream = await MediaStream.open(twiml.stream_url or "", call_sid=first)
