@@ -124,6 +124,8 @@ class StandingBacklog:
 
     def take(self, pcm: bytes, waiting: int) -> bool:
         """A frame was popped with `waiting` frames still queued behind it: True to leave it unsent."""
+        if self.pending and waiting == 0:
+            self.reset()  # nothing waits behind this frame any more: the backlog went by itself
         if self.pending:
             self._waited += 1
             if self._waited > self.quiet_wait or is_quiet(np.frombuffer(pcm, dtype="<i2")):

@@ -114,6 +114,15 @@ def test_a_standing_backlog_goes_in_the_next_pauses_or_after_the_quiet_wait() ->
     assert not backlog.take(LOUD, 0)  # a new window
 
 
+def test_a_backlog_that_drains_by_itself_meanwhile_is_not_cut() -> None:
+    backlog = StandingBacklog(window=2)
+    backlog.take(LOUD, 2)
+    backlog.take(LOUD, 2)
+    assert backlog.pending == 2
+    assert not backlog.take(QUIET, 0)  # the worker caught up before a pause came
+    assert backlog.pending == 0 and backlog.dropped == 0
+
+
 def test_a_move_forgets_the_window_and_the_pending_drop() -> None:
     backlog = StandingBacklog(window=2)
     backlog.take(LOUD, 1)
