@@ -35,8 +35,11 @@ Rules, with FRAME = 80 ms:
 - `capacity` bounds the queue on arrival (a burst): the oldest frame is dropped.
 A dropped frame never leaves a gap on the caller's timeline: the next frame takes its due time.
 - Lead: every `lead_window` frames handed out (the first `first_lead_frames` after the frame the
-  clock started or restarted with, so a stall's delay is seen soon), `Paced.lead_s` says the least
-  time one of them waited here, from `put` to its hand-out. Frames that all waited that long are that much later
+  clock started or restarted with, or after a cut, so a stall's delay is seen soon), `Paced.lead_s`
+  says the least time one of them waited here, from `put` to its hand-out. Frames of a burst (put
+  less than half a frame after the one before: a worker running its queued frames at once after a
+  stall) do not count: they come earlier and earlier until the burst is over, so their least wait
+  says nothing about the delay that stays; a window of burst frames only reports nothing. Frames that all waited that long are that much later
   than they need to be: after a restart the schedule's phase is where the first late frame
   happened to come, and a frame that stands behind the due one (within the playout target) is a
   whole frame of delay that never goes. Nothing here can take it out without cutting audio (the
@@ -89,7 +92,7 @@ class OutputPacer(Generic[T]):
         frame_s: the frame period.
         tolerance_s: how late a frame may be pushed and the schedule kept (default half a frame).
         lead_window: frames handed out per lead report (about a second of frames).
-        first_lead_frames: frames of the first lead report after the clock (re)starts.
+        first_lead_frames: frames of the first lead report after the clock (re)starts or a cut.
         clock, sleep: the time source (tests pass a virtual one).
         """
         if capacity < 1 or target_frames < 0 or lead_window < 1 or first_lead_frames < 1:
@@ -105,7 +108,8 @@ class OutputPacer(Generic[T]):
         self._sleep = sleep
         self.lead_window = lead_window
         self.first_lead_frames = first_lead_frames
-        self._queue: deque[tuple[T, float]] = deque()  # (frame, when it was put)
+        self._queue: deque[tuple[T, float, bool]] = deque()  # (frame, when it was put, part of a burst)
+        self._last_put: float | None = None
         self._ready = asyncio.Event()
         self._due: float | None = None  # when the next frame is due (None: the clock has not started)
         self._lead_frames = 0  # frames handed out in the current lead window
@@ -121,18 +125,22 @@ class OutputPacer(Generic[T]):
         if len(self._queue) >= self.capacity:
             self._queue.popleft()
             dropped = 1
-        self._queue.append((item, self._clock()))
+        now = self._clock()
+        burst = self._last_put is not None and now - self._last_put < self.frame_s / 2
+        self._last_put = now
+        self._queue.append((item, now, burst))
         self._ready.set()
         return dropped
 
     def advance(self, seconds: float) -> None:
         """The frame just handed out was `seconds` shorter than a frame (the consumer cut that much
-        of it): the next frames are due that much sooner. Starts a new lead window."""
+        of it): the next frames are due that much sooner. Starts a new lead window, a short one
+        (`first_lead_frames`): what is left after the cut is seen soon."""
         if seconds < 0:
             raise ValueError(f"advance takes seconds >= 0, got {seconds}")
         if self._due is not None:
             self._due -= seconds
-        self._reset_lead()
+        self._reset_lead(self.first_lead_frames)
 
     def _reset_lead(self, frames: int | None = None) -> None:
         self._lead_frames = 0
@@ -161,16 +169,17 @@ class OutputPacer(Generic[T]):
         while len(self._queue) > self.target_frames + 1:
             self._queue.popleft()
             dropped += 1
-        item, put_at = self._queue.popleft()
+        item, put_at, burst = self._queue.popleft()
         self._due += self.frame_s
         if started or restarted:
             # A new phase, set by this frame (it goes at once): the lead is that of the frames after it.
             self._reset_lead(self.first_lead_frames)
             return Paced(item, dropped=dropped, restarted=restarted)
-        self._lead_s = min(self._lead_s, now - put_at)
+        if not burst:
+            self._lead_s = min(self._lead_s, now - put_at)
         self._lead_frames += 1
         lead_s = None
         if self._lead_frames >= self._lead_need:
-            lead_s = self._lead_s
-            self._reset_lead()
+            lead_s = None if self._lead_s == float("inf") else self._lead_s  # all of a burst: no report
+            self._reset_lead(self._lead_need if lead_s is None else None)
         return Paced(item, dropped=dropped, restarted=restarted, lead_s=lead_s)

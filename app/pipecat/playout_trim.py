@@ -8,11 +8,18 @@ plays all it is given, in real time, so the only way to take the delay out is to
 this cuts it from the start of the next frames and the pacer moves its schedule that much earlier
 (`OutputPacer.advance`).
 
-With the least wait L, a margin m kept for jitter and a step s (the output transport's chunk: it
-sends whole chunks only, so cutting whole chunks leaves it no partial chunk to hold back):
+With the least wait L, a margin m and a step s (the output transport's chunk: it sends whole
+chunks only, so cutting whole chunks leaves it no partial chunk to hold back):
 
-    L >= m + s      cut floor((L - m) / s) steps, at most one frame's worth per frame
+    L >= m + s / 2  cut round((L - m) / s) steps (the nearest whole step), at most one frame's
+                    worth per frame
     otherwise       nothing
+
+The margin is 0 by default: a call's first frame sets the pacer's schedule when it comes, so its
+frames wait nothing at the start, and a call after a stall is back where it started, within half a
+step. A cut up to half a step too long makes that frame late by as much: it goes when it comes (the
+pacer keeps its schedule within its tolerance), a gap of at most 10 ms once, and the frames after
+it keep time, as at the start of the call.
 
 A cut waits for a quiet frame (the bot listening, between words) for at most `quiet_wait_s`, then
 takes the next frame: a standing delay must not stay because the bot keeps talking. Plain Python,
@@ -27,7 +34,7 @@ import numpy as np
 
 from app.pipecat.audio import is_quiet
 
-DEFAULT_MARGIN_S = 0.020  # the caller hears a gap when jitter beyond it comes: 20 ms of delay is cheaper
+DEFAULT_MARGIN_S = 0.0  # as at the start of a call (see the module docstring)
 DEFAULT_STEP_S = 0.020
 DEFAULT_QUIET_WAIT_S = 0.5
 
@@ -56,9 +63,10 @@ class PlayoutTrim:
         """A lead report: the least time the last frames waited in the pacer."""
         if self.pending_s > 0:
             return  # the last cut is not done yet; its report was about frames before it
-        if lead_s < self.margin_s + self.step_s:
+        steps = math.floor((lead_s - self.margin_s) / self.step_s + 0.5)
+        if steps < 1:
             return
-        self.pending_s = math.floor((lead_s - self.margin_s) / self.step_s + 1e-9) * self.step_s
+        self.pending_s = steps * self.step_s
         self._force_at = now + self.quiet_wait_s
         self.trims += 1
 

@@ -13,7 +13,8 @@ the next tick runs at once, off the grid (counted as a catch-up), so its queue i
 frame that arrives for each grid point within a few ticks; then the grid resumes.
 
 Each caller frame's wait in its queue (arrival to the start of its tick) is reported to the gateway
-as `protocol.Timing` (the least over ~1 s of frames), so it can align its framing to the grid.
+as `protocol.Timing` (the least over ~1 s of frames run on the grid: a catch-up, or the late tick
+after an overrun, runs a frame as soon as it comes), so it can align its framing to the grid.
 
 Each bot frame carries the tokens of the call frame its step completed (`protocol.pack_bot_frame`);
 the engine keeps them too (`protocol.CallHistory`), rebuilds a long call's context before its
@@ -225,13 +226,15 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def step(self) -> TickResult:
-        """Apply pending requests and run one tick now (only when the thread is not started)."""
+    def step(self, *, on_grid: bool = True) -> TickResult:
+        """Apply pending requests and run one tick now (only when the thread is not started).
+        on_grid=False: the tick is a catch-up, off the grid (as the thread runs one when a slot has
+        a backlog): its frames' waits say nothing about the grid and stay out of `Timing`."""
         if self.running:
             raise RuntimeError("step() is for an engine whose thread is not running")
         with torch.inference_mode():
             self._between_ticks()
-            return self._tick()
+            return self._tick(on_grid=on_grid)
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -271,7 +274,10 @@ class Engine:
                     if not due and not catch_up:
                         self._wake.wait(next_tick - time.monotonic())
                         continue
-                    self._tick()
+                    # On the grid: a tick that starts at its grid point (within a quarter period of
+                    # wake-up jitter). The one right after an overrun runs late, at once: as a
+                    # catch-up, its frames' waits say nothing about where the grid is.
+                    self._tick(on_grid=due and time.monotonic() - next_tick <= period / 4)
                     if due:
                         next_tick, behind = next_grid_point(next_tick, time.monotonic(), period)
                         if behind is not None:
@@ -369,13 +375,13 @@ class Engine:
             self._emit(call, message, abort_on_error=False)
 
     # ---------------------------------------------------------------------------------- tick
-    def _tick(self) -> TickResult:
+    def _tick(self, *, on_grid: bool) -> TickResult:
         plan = self.scheduler.plan_tick()
         started = time.perf_counter()
         result = TickResult(slots=[], text=[], audio=torch.empty(0, 8, dtype=torch.long), pcm=[], duration_s=0.0)
         if plan:
             try:
-                result = self._run_model(plan, started)
+                result = self._run_model(plan, started, on_grid=on_grid)
             except Exception as exc:
                 slots = [call.slot for call, _ in plan]
                 logger.exception("tick failed for slots %s; ending those calls", slots)
@@ -400,9 +406,11 @@ class Engine:
         self._update_counters()
         return result
 
-    def _run_model(self, plan: list[tuple[Call, bytes]], started: float) -> TickResult:
+    def _run_model(self, plan: list[tuple[Call, bytes]], started: float, *, on_grid: bool) -> TickResult:
         """Run the planned calls' frames; a call in the plan holds its slot for the whole tick
-        (releases happen between ticks only)."""
+        (releases happen between ticks only). Only an on-grid tick's waits go into `Timing`: a
+        catch-up tick runs a frame as soon as it comes, so its wait (~0) would tell the gateway its
+        framing is too close to a tick that is not there (and it would move it for nothing)."""
         rt = self.runtime
         rows = [call.slot for call, _ in plan]
         audio_in = np.frombuffer(b"".join(frame for _, frame in plan), dtype="<i2").reshape(len(plan), FRAME_SAMPLES)
@@ -424,7 +432,7 @@ class Engine:
             piece = rt.text_piece(token) if token >= 0 else None
             if piece:
                 self._emit(call, Text(text=piece, frame=index))
-            waits = call.waits.add(call.wait_s)
+            waits = call.waits.add(call.wait_s) if on_grid else None
             if waits is not None:
                 least, frames = waits
                 self._emit(call, Timing(frame=index, frames=frames, wait_ms=least * 1000, tick_ms=self.tick_s * 1000))

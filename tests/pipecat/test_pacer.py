@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from app.pipecat.pacer import OutputPacer, Paced
+from app.pipecat.playout_trim import PlayoutTrim
 
 FRAME = 0.08
 
@@ -190,6 +191,43 @@ async def test_a_consumer_that_cuts_the_lead_takes_a_standing_frame_out_and_keep
     assert max(late[-30:]) <= margin + 0.006 + 1e-6  # after: the margin and the jitter, no more
     leads = [p.lead_s for _, p in pushed[-30:] if p.lead_s is not None]
     assert leads and all(lead >= margin - 1e-6 for lead in leads)  # the margin stays: never late
+
+
+@pytest.mark.asyncio
+async def test_after_a_stall_and_the_catch_up_burst_a_trimming_consumer_is_back_to_the_start_within_a_second() -> None:
+    """The worker (26 ms ticks on an 80 ms grid) stops for 300 ms, then runs its four queued frames
+    back to back and goes on on its grid, whose phase the stall did not move. The first frames set
+    the schedule as they come; after the stall, the frames must wait no more than that again (within
+    half a 20 ms step) a second after the worker resumed: the catch-up burst, which comes earlier and
+    earlier, must not hide the delay that stays from the first report."""
+    tick, resume = 0.026, 1.3
+    arrivals, free_at = [], 0.0  # free_at: when the worker can start its next tick
+    for k in range(60):
+        start = max(k * FRAME, free_at)  # the grid point, or at once while frames are queued
+        if 1.0 < start < resume:
+            start = resume  # stopped
+        free_at = start + tick
+        arrivals.append(free_at)
+    assert arrivals[13:18] == pytest.approx([1.326, 1.352, 1.378, 1.404, 1.43]) and arrivals[18] == pytest.approx(18 * FRAME + tick)
+    trim = PlayoutTrim()
+    late_by: list[float] = []
+
+    def cut(paced: Paced) -> float:  # as the service does, with the bot listening (quiet frames)
+        if paced.restarted:
+            trim.cancel()
+        if paced.lead_s is not None:
+            trim.offer(paced.lead_s, now=0.0)
+        _, seconds = trim.cut(bytes(1280), 8000, now=0.0)
+        return seconds
+
+    pushed, dropped = await play(arrivals, cut=cut)
+    assert_in_order_once_and_never_fast(pushed, tolerance=FRAME)  # a whole frame cut: the next goes at once
+    assert any(p.restarted for _, p in pushed) and trim.trims >= 1
+    waits = [(arrivals[p.item], at - arrivals[p.item]) for at, p in pushed]
+    before = [wait for at, wait in waits if at < 1.0]
+    after = [wait for at, wait in waits if at >= resume + 1.0]
+    assert max(before) <= 0.001 and len(after) >= 20
+    assert max(after) <= 0.010 + 1e-6, waits  # the call's start again, within half a step
 
 
 def test_advance_refuses_negative_seconds() -> None:

@@ -22,11 +22,28 @@ QUIET = frame(0.0)
 LOUD = frame(0.3)
 
 
-def test_a_lead_within_the_margin_and_one_step_cuts_nothing() -> None:
+def test_a_lead_within_the_margin_and_half_a_step_cuts_nothing() -> None:
     trim = PlayoutTrim(margin_s=0.01)
-    trim.offer(0.029, now=0.0)
+    trim.offer(0.0199, now=0.0)
     assert trim.pending_s == 0
     assert trim.cut(QUIET, RATE, now=0.0) == (QUIET, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("lead_s", "cut_s"),
+    [
+        (0.0002, 0.0),  # frames that go as they come: how a call starts
+        (0.009, 0.0),
+        (0.011, 0.02),  # 9 ms too much: that frame goes 9 ms late, once
+        (0.036, 0.04),  # what a 300 ms stall left standing on this box (36-39 ms)
+        (0.098, 0.1),  # a standing frame and a phase
+    ],
+)
+def test_by_default_the_lead_is_cut_to_the_nearest_whole_step(lead_s: float, cut_s: float) -> None:
+    """No margin by default: a call after a stall is back where it started, within half a step."""
+    trim = PlayoutTrim()
+    trim.offer(lead_s, now=0.0)
+    assert trim.pending_s == pytest.approx(cut_s)
 
 
 def test_a_lead_is_cut_in_whole_steps_keeping_the_margin_from_the_start_of_a_quiet_frame() -> None:
@@ -56,7 +73,7 @@ def test_a_cut_waits_for_a_pause_then_takes_speech_after_the_quiet_wait() -> Non
 
 def test_a_standing_frame_goes_whole_and_a_longer_lead_is_cut_over_several_frames() -> None:
     trim = PlayoutTrim(margin_s=0.01)
-    trim.offer(0.2, now=0.0)  # (200 - 10) ms -> 180 ms: two whole frames and one step
+    trim.offer(0.19, now=0.0)  # (190 - 10) ms -> 180 ms: two whole frames and one step
     cuts = [trim.cut(QUIET, RATE, now=0.0) for _ in range(4)]
     assert [len(kept) for kept, _ in cuts] == [0, 0, (FRAME_SAMPLES - STEP_SAMPLES) * 2, FRAME_SAMPLES * 2]
     assert [cut for _, cut in cuts] == pytest.approx([0.08, 0.08, 0.02, 0.0])

@@ -360,6 +360,30 @@ def test_the_engine_reports_how_long_caller_frames_wait_for_their_tick(runtime: 
     assert first.wait_ms <= min(a - p for p, a in zip(pushed[:4], answered[:4], strict=True)) * 1000
 
 
+def test_a_catch_up_tick_leaves_its_frames_waits_out_of_the_timing_report(runtime: Runtime) -> None:
+    """A frame run in a catch-up tick went as soon as it came (its wait is ~0 whatever the grid):
+    counted, it would tell the gateway to move its framing for a grid it was not run on."""
+    engine = make_engine(runtime, tick_s=0.08)
+    call, out = open_call(engine, "caught-up", seed=4)
+    engine.step()  # the persona is loaded
+    frames = caller_frames(10)
+    for i, frame in enumerate(frames):
+        engine.push(call, frame)
+        if i in (2, 3, 4, 5, 6, 7, 9):
+            engine.step(on_grid=False)  # run at once
+        else:
+            time.sleep(0.03)  # the frame waits for its grid point
+            engine.step()
+    assert len(out.of(bytes)) == 10
+    assert out.of(Timing) == []  # 4 on-grid frames are needed for the first report; 3 ran on it
+    engine.push(call, caller_frames(1)[0])
+    time.sleep(0.03)
+    engine.step()
+    (timing,) = out.of(Timing)
+    assert timing.frames == 4 and timing.frame == 10
+    assert timing.wait_ms >= 25  # the on-grid frames' waits, not the catch-ups' ~0
+
+
 def test_stop_tells_open_calls_the_worker_is_shutting_down(runtime: Runtime) -> None:
     engine = make_engine(runtime)
     engine.start()
