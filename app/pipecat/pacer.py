@@ -34,12 +34,15 @@ Rules, with FRAME = 80 ms:
   so the latency the pacer adds stays at most (target_frames + 1) frames, plus the tolerance.
 - `capacity` bounds the queue on arrival (a burst): the oldest frame is dropped.
 A dropped frame never leaves a gap on the caller's timeline: the next frame takes its due time.
-- Lead: every `lead_window` frames handed out (the first `first_lead_frames` after the frame the
-  clock started or restarted with, or after a cut, so a stall's delay is seen soon), `Paced.lead_s`
-  says the least time one of them waited here, from `put` to its hand-out. Frames of a burst (put
-  less than half a frame after the one before: a worker running its queued frames at once after a
-  stall) do not count: they come earlier and earlier until the burst is over, so their least wait
-  says nothing about the delay that stays; a window of burst frames only reports nothing. Frames that all waited that long are that much later
+- Lead: every `lead_window` frames handed out, `Paced.lead_s` says the least time one of them
+  waited here, from `put` to its hand-out. Windows are short (`first_lead_frames`) while a delay
+  may be building or going: the first `short_windows` after the frame the clock started or
+  restarted with (a worker catching up after a stall sends its frames faster than real time for a
+  few ticks, so the first short window may still see a frame that waited nothing), and the one
+  after a cut, so a stall's delay is seen and gone within about a second. Frames of a burst (put
+  less than three quarters of a frame after the one before: that catch-up) do not count: they come
+  earlier and earlier until it is over, so their least wait says nothing about the delay that
+  stays; a window of burst frames only reports with the first frame after the burst. Frames that all waited that long are that much later
   than they need to be: after a restart the schedule's phase is where the first late frame
   happened to come, and a frame that stands behind the due one (within the playout target) is a
   whole frame of delay that never goes. Nothing here can take it out without cutting audio (the
@@ -83,6 +86,7 @@ class OutputPacer(Generic[T]):
         tolerance_s: float | None = None,
         lead_window: int = 12,
         first_lead_frames: int = 4,
+        short_windows: int = 3,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
@@ -92,13 +96,14 @@ class OutputPacer(Generic[T]):
         frame_s: the frame period.
         tolerance_s: how late a frame may be pushed and the schedule kept (default half a frame).
         lead_window: frames handed out per lead report (about a second of frames).
-        first_lead_frames: frames of the first lead report after the clock (re)starts or a cut.
+        first_lead_frames: frames of a short lead window (see the module docstring).
+        short_windows: short lead windows after the clock (re)starts.
         clock, sleep: the time source (tests pass a virtual one).
         """
-        if capacity < 1 or target_frames < 0 or lead_window < 1 or first_lead_frames < 1:
+        if capacity < 1 or target_frames < 0 or lead_window < 1 or first_lead_frames < 1 or short_windows < 1:
             raise ValueError(
-                "capacity, lead_window and first_lead_frames must be >= 1 and target_frames >= 0, got "
-                f"{capacity}, {lead_window}, {first_lead_frames}, {target_frames}"
+                "capacity, lead_window, first_lead_frames and short_windows must be >= 1 and target_frames >= 0, "
+                f"got {capacity}, {lead_window}, {first_lead_frames}, {short_windows}, {target_frames}"
             )
         self.capacity = capacity
         self.target_frames = min(target_frames, capacity - 1)
@@ -108,12 +113,14 @@ class OutputPacer(Generic[T]):
         self._sleep = sleep
         self.lead_window = lead_window
         self.first_lead_frames = first_lead_frames
+        self.short_windows = short_windows
         self._queue: deque[tuple[T, float, bool]] = deque()  # (frame, when it was put, part of a burst)
         self._last_put: float | None = None
         self._ready = asyncio.Event()
         self._due: float | None = None  # when the next frame is due (None: the clock has not started)
         self._lead_frames = 0  # frames handed out in the current lead window
         self._lead_need = first_lead_frames  # frames of the current lead window
+        self._short_left = short_windows - 1  # short windows still to come after the current one
         self._lead_s = float("inf")  # the least wait among them
 
     def __len__(self) -> int:
@@ -126,7 +133,7 @@ class OutputPacer(Generic[T]):
             self._queue.popleft()
             dropped = 1
         now = self._clock()
-        burst = self._last_put is not None and now - self._last_put < self.frame_s / 2
+        burst = self._last_put is not None and now - self._last_put < self.frame_s * 0.75
         self._last_put = now
         self._queue.append((item, now, burst))
         self._ready.set()
@@ -140,11 +147,16 @@ class OutputPacer(Generic[T]):
             raise ValueError(f"advance takes seconds >= 0, got {seconds}")
         if self._due is not None:
             self._due -= seconds
-        self._reset_lead(self.first_lead_frames)
+        self._short_left = max(self._short_left, 1)
+        self._reset_lead()
 
-    def _reset_lead(self, frames: int | None = None) -> None:
+    def _reset_lead(self) -> None:
+        """Start the next lead window: a short one while `_short_left` says so."""
         self._lead_frames = 0
-        self._lead_need = self.lead_window if frames is None else frames
+        self._lead_need = self.lead_window
+        if self._short_left > 0:
+            self._short_left -= 1
+            self._lead_need = self.first_lead_frames
         self._lead_s = float("inf")
 
     async def next(self) -> Paced[T]:
@@ -173,13 +185,14 @@ class OutputPacer(Generic[T]):
         self._due += self.frame_s
         if started or restarted:
             # A new phase, set by this frame (it goes at once): the lead is that of the frames after it.
-            self._reset_lead(self.first_lead_frames)
+            self._short_left = self.short_windows
+            self._reset_lead()
             return Paced(item, dropped=dropped, restarted=restarted)
         if not burst:
             self._lead_s = min(self._lead_s, now - put_at)
         self._lead_frames += 1
         lead_s = None
-        if self._lead_frames >= self._lead_need:
-            lead_s = None if self._lead_s == float("inf") else self._lead_s  # all of a burst: no report
-            self._reset_lead(self._lead_need if lead_s is None else None)
+        if self._lead_frames >= self._lead_need and self._lead_s != float("inf"):  # a burst's frames only: wait
+            lead_s = self._lead_s
+            self._reset_lead()
         return Paced(item, dropped=dropped, restarted=restarted, lead_s=lead_s)
