@@ -60,14 +60,18 @@ class PlayoutTrim:
         self.trims = 0  # lead reports that asked for a cut
 
     def offer(self, lead_s: float, now: float) -> None:
-        """A lead report: the least time the last frames waited in the pacer."""
-        if self.pending_s > 0:
-            return  # the last cut is not done yet; its report was about frames before it
+        """A lead report: the least time the last frames waited in the pacer. The pacer starts a
+        new window at each cut (`OutputPacer.advance`), so a report that comes while a cut is
+        pending is about what stands now: it replaces the pending cut (a catch-up's delay grows
+        for a few frames after the first report) and keeps its deadline, or cancels it when
+        nothing stands any more."""
         steps = math.floor((lead_s - self.margin_s) / self.step_s + 0.5)
         if steps < 1:
+            self.cancel()
             return
         self.pending_s = steps * self.step_s
-        self._force_at = now + self.quiet_wait_s
+        if self._force_at == math.inf:
+            self._force_at = now + self.quiet_wait_s
         self.trims += 1
 
     def cancel(self) -> None:

@@ -103,12 +103,12 @@ async def test_after_a_300_ms_worker_stall_the_added_delay_is_back_to_its_baseli
     assert stall.max_bound() is not None and stall.max_bound() >= 0.2 > baseline.quantile(0.95), summary
     assert catch_ups >= 1, summary  # the worker ran its queued frames at once, off its grid
     # ...and a second after it the call's delay is its baseline again: nothing stays queued.
-    # A frame left standing would add a whole tick (80 ms) to every later frame: p50 shows it. What
-    # is left a second after the stall is the framing and the playout settling again: +22 to +51 ms
-    # of p50 in 5 of 7 runs on a quiet box (worker segment +22 ms, gateway out +15 ms in one), the
-    # issue's "back to baseline within 1 s" not reliably met yet (issue 16's note).
-    assert recovered.quantile(0.5) <= baseline.quantile(0.5) + 0.060, summary
-    # The tail: the pacer's standing frame after the restart, until its first lead report (~0.3 s)
-    # and a pause to cut in (<= 0.5 s), still reaches into this window (p95 +101 and +105 ms
-    # measured on a quiet box), and a loaded box's jitter; a queue that stays was +240 ms.
-    assert recovered.quantile(0.95) <= baseline.quantile(0.95) + 0.150, summary
+    # A frame left standing would add a whole tick (80 ms) to every later frame: p50 shows it.
+    # Measured on this 2-core box: recovered p50 -4 to +17 ms from the baseline's over 12 runs
+    # (what is left is at most half a 20 ms output chunk, and this box's jitter).
+    assert recovered.quantile(0.5) <= baseline.quantile(0.5) + 0.035, summary
+    # The tail: the pacer's standing frame after the restart goes at its second or third lead
+    # report (4 frames each) and a pause to cut in (<= 0.3 s); on a box that slows the worker's
+    # catch-up it can still reach into the first frames of this window (p95 +71 ms in 1 of 8 runs,
+    # -5 to +34 in the others); a queue that stays was +240 ms.
+    assert recovered.quantile(0.95) <= baseline.quantile(0.95) + 0.100, summary

@@ -80,15 +80,22 @@ def test_a_standing_frame_goes_whole_and_a_longer_lead_is_cut_over_several_frame
     assert trim.trimmed_s == pytest.approx(0.18)
 
 
-def test_a_report_during_a_cut_is_ignored_and_a_restart_cancels_the_cut() -> None:
-    trim = PlayoutTrim(margin_s=0.01)
-    trim.offer(0.05, now=0.0)
-    trim.offer(0.3, now=0.0)  # about frames before the cut took effect
-    assert trim.pending_s == pytest.approx(0.04)
+def test_a_report_during_a_cut_replaces_it_keeping_its_deadline_and_a_restart_cancels_it() -> None:
+    trim = PlayoutTrim(margin_s=0.01, quiet_wait_s=0.3)
+    trim.offer(0.05, now=0.0)  # 40 ms, by 0.3 s at the latest
+    trim.offer(0.09, now=0.2)  # the delay grew meanwhile (a worker catching up): 80 ms
+    assert trim.pending_s == pytest.approx(0.08)
+    assert trim.cut(LOUD, RATE, now=0.25) == (LOUD, 0.0)  # still the first report's quiet wait
+    kept, cut_s = trim.cut(LOUD, RATE, now=0.3)  # its deadline, not 0.5
+    assert cut_s == pytest.approx(0.08) and kept == b""
+    trim.offer(0.05, now=1.0)
+    trim.offer(0.012, now=1.1)  # nothing stands any more: no cut
+    assert trim.pending_s == 0 and trim.cut(LOUD, RATE, now=5.0) == (LOUD, 0.0)
+    trim.offer(0.05, now=6.0)
     trim.cancel()  # the pacer restarted: a new phase
     assert trim.pending_s == 0
-    assert trim.cut(QUIET, RATE, now=5.0) == (QUIET, 0.0)
-    assert trim.trims == 1
+    assert trim.cut(QUIET, RATE, now=7.0) == (QUIET, 0.0)
+    assert trim.trims == 4
 
 
 def test_bad_settings_are_refused() -> None:
