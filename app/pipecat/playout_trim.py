@@ -36,7 +36,7 @@ from app.pipecat.audio import is_quiet
 
 DEFAULT_MARGIN_S = 0.0  # as at the start of a call (see the module docstring)
 DEFAULT_STEP_S = 0.020
-DEFAULT_QUIET_WAIT_S = 0.3  # a pause between words comes within it, mostly; a stall is seen and gone within a second
+DEFAULT_QUIET_WAIT_S = 0.3  # a pause between words mostly comes within it, and a stall is gone within a second
 
 
 class PlayoutTrim:
