@@ -390,8 +390,9 @@ async def test_a_delay_that_stands_after_a_stall_is_cut_out_of_the_bot_audio(
     assert stats.playout_trimmed_ms >= 40
     chunk_bytes = round(chunk_s * PHONE_RATE) * 2
     bot = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
-    assert any(len(f.audio) < 0.08 * PHONE_RATE * 2 for f in bot)  # some frames were cut ...
-    assert all(len(f.audio) % chunk_bytes == 0 for f in bot)  # ... by whole chunks only
+    # Cut by whole chunks only (a part of a frame or, where a whole frame stood, all of it: which
+    # one depends on where the stall left the phase, so either may come on a loaded box).
+    assert all(len(f.audio) % chunk_bytes == 0 for f in bot)
     out = [f.gateway_out for f in latencies]
     assert len(out) > 40
     # Half a step at most, and this loop's jitter: not a frame.
