@@ -42,9 +42,9 @@ A dropped frame never leaves a gap on the caller's timeline: the next frame take
   after a cut, so a stall's delay is seen and gone within about a second. Frames of a burst (put
   less than three quarters of a frame after the one before: that catch-up) do not count: they come
   earlier and earlier until it is over, so their least wait says nothing about the delay that
-  stays; a window of burst frames only reports with the first frame after the burst. Frames that all waited that long are that much later
-  than they need to be: after a restart the schedule's phase is where the first late frame
-  happened to come, and a frame that stands behind the due one (within the playout target) is a
+  stays; a window of burst frames only reports with the first frame after the burst.
+  Frames that all waited that long are that much later than they need to be: after a restart
+  the schedule's phase is where the first late frame happened to come, and a frame that stands behind the due one (within the playout target) is a
   whole frame of delay that never goes. Nothing here can take it out without cutting audio (the
   sink plays everything it is given, in real time): the consumer cuts that much from a frame
   (app/pipecat/playout_trim.py) and says so with `advance`, which moves the schedule earlier.
@@ -62,6 +62,8 @@ from typing import Generic, TypeVar
 from app import protocol
 
 T = TypeVar("T")
+
+BURST_SPACING = 0.75  # of a frame: a frame put sooner than this after the one before is part of a burst
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class OutputPacer(Generic[T]):
             self._queue.popleft()
             dropped = 1
         now = self._clock()
-        burst = self._last_put is not None and now - self._last_put < self.frame_s * 0.75
+        burst = self._last_put is not None and now - self._last_put < self.frame_s * BURST_SPACING
         self._last_put = now
         self._queue.append((item, now, burst))
         self._ready.set()

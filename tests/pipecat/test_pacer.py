@@ -87,6 +87,19 @@ async def play(
     return pushed, dropped_on_arrival
 
 
+def trimming(trim: PlayoutTrim) -> Callable[[Paced], float]:
+    """A consumer that cuts as the service does, with the bot listening (quiet 80 ms frames)."""
+
+    def cut(paced: Paced) -> float:
+        if paced.restarted:
+            trim.cancel()
+        if paced.lead_s is not None:
+            trim.offer(paced.lead_s, now=0.0)
+        return trim.cut(bytes(1280), 8000, now=0.0)[1]
+
+    return cut
+
+
 def latencies(pushed: list[tuple[float, Paced]], arrivals: list[float]) -> list[float]:
     return [at - arrivals[paced.item] for at, paced in pushed]
 
@@ -214,17 +227,7 @@ async def test_after_a_stall_and_the_catch_up_burst_a_trimming_consumer_is_back_
     if tick == 0.026:
         assert arrivals[13:18] == pytest.approx([1.326, 1.352, 1.378, 1.404, 1.43]) and arrivals[18] == pytest.approx(18 * FRAME + tick)
     trim = PlayoutTrim()
-    late_by: list[float] = []
-
-    def cut(paced: Paced) -> float:  # as the service does, with the bot listening (quiet frames)
-        if paced.restarted:
-            trim.cancel()
-        if paced.lead_s is not None:
-            trim.offer(paced.lead_s, now=0.0)
-        _, seconds = trim.cut(bytes(1280), 8000, now=0.0)
-        return seconds
-
-    pushed, dropped = await play(arrivals, cut=cut)
+    pushed, _ = await play(arrivals, cut=trimming(trim))
     assert_in_order_once_and_never_fast(pushed, tolerance=FRAME)  # a whole frame cut: the next goes at once
     assert any(p.restarted for _, p in pushed) and trim.trims >= 1
     waits = [(arrivals[p.item], at - arrivals[p.item]) for at, p in pushed]
@@ -249,16 +252,7 @@ async def test_after_a_stall_whose_first_frame_after_the_restart_waited_nothing_
     restart_at = steady[-1] + gaps[0]
     while len(arrivals) < 60:
         arrivals.append(arrivals[-1] + FRAME)
-    trim = PlayoutTrim()
-
-    def cut(paced: Paced) -> float:
-        if paced.restarted:
-            trim.cancel()
-        if paced.lead_s is not None:
-            trim.offer(paced.lead_s, now=0.0)
-        return trim.cut(bytes(1280), 8000, now=0.0)[1]
-
-    pushed, _ = await play(arrivals, cut=cut)
+    pushed, _ = await play(arrivals, cut=trimming(PlayoutTrim()))
     assert [arrivals[p.item] for _, p in pushed if p.restarted] == [pytest.approx(restart_at)]
     after = [at - arrivals[p.item] for at, p in pushed if arrivals[p.item] >= restart_at + 1.2]
     assert len(after) >= 10 and max(after) <= 0.010 + 1e-6, after
